@@ -1,0 +1,2420 @@
+"""cao: a CLI Agent Orchestrator in one file.
+
+cao runs AI coding-agent CLIs (Claude Code, Codex, ... and a built-in demo agent)
+in tmux windows and lets a supervisor agent hand work to worker agents. One local
+HTTP server owns tmux, the sqlite state and status detection; the CLI, the web
+dashboard and the MCP servers are its clients. Only the standard library is
+imported at module level; `mcp` and `croniter` are imported where they are used.
+
+Map of this file (each section uses only the sections above it):
+
+  paths and config   CAO_HOME_DIR layout, settings.json, server address, resources
+  errors             one exception tree, mapped to HTTP codes and exit codes once
+  profiles           agent profiles: YAML-subset frontmatter, discovery, install
+  state              sqlite (WAL) store: sessions, terminals, inbox, events
+  tmux               subprocess wrapper, optionally on a private -L socket
+  providers          the provider table: how each CLI launches, looks and exits
+  demo agent         the small interactive agent behind the `demo` provider
+  terminals          sessions/terminals, pasted input, event-driven status watcher
+  HTTP API           ThreadingHTTPServer, route table, Host/Origin checks
+  CLI                argparse commands; `main()` is the entry point
+"""
+
+import argparse
+import base64
+import hashlib
+import http.client
+import http.server
+import ipaddress
+import json
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+import zipimport
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+###############################################################################
+# Paths and config ############################################################
+###############################################################################
+
+SESSION_PREFIX = "cao-"
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9889
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+TERMINAL_ID_RE = re.compile(r"[0-9a-f]{8}")
+PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+HOME_SUBDIRS = ("db", "logs/terminal", "agent-store", "agent-context", "skills",
+                "flows", "fifos")
+# A user switching from upstream keeps the profiles installed there.
+UPSTREAM_HOME = Path("~/.aws/cli-agent-orchestrator").expanduser()
+
+
+def cao_home():
+    return Path(os.environ.get("CAO_HOME_DIR") or "~/.cao").expanduser()
+
+
+def ensure_home():
+    home = cao_home()
+    for sub in HOME_SUBDIRS:
+        (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+    return home
+
+
+def api_address():
+    host = os.environ.get("CAO_API_HOST") or DEFAULT_HOST
+    port = os.environ.get("CAO_API_PORT") or str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"CAO_API_PORT={port!r} is not a port; set it to 1-65535")
+    return host, int(port)
+
+
+def load_settings():
+    path = cao_home() / "settings.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file")
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    return settings
+
+
+def _zip_archive():
+    loader = globals().get("__loader__")
+    return loader.archive if isinstance(loader, zipimport.zipimporter) else None
+
+
+def _resource_roots():
+    # A checkout or zipapp keeps data beside cao.py; a wheel puts it in cao_data/.
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [here, os.path.join(here, "cao_data")]
+
+
+def read_resource(relpath):
+    """Bytes of a packaged file (web_static/..., profiles/...), or None."""
+    archive = _zip_archive()
+    for root in _resource_roots():
+        if archive:
+            inner = os.path.relpath(os.path.join(root, relpath), archive)
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    return z.read(inner.replace(os.sep, "/"))
+            except KeyError:
+                continue
+        path = os.path.join(root, relpath)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return f.read()
+    return None
+
+
+def list_resources(reldir):
+    archive = _zip_archive()
+    if archive:
+        with zipfile.ZipFile(archive) as z:
+            prefix = reldir.rstrip("/") + "/"
+            return sorted(n[len(prefix):] for n in z.namelist()
+                          if n.startswith(prefix) and "/" not in n[len(prefix):])
+    for root in _resource_roots():
+        path = os.path.join(root, reldir)
+        if os.path.isdir(path):
+            return sorted(os.listdir(path))
+    return []
+
+
+def self_command():
+    """argv that runs this very program (cao.py, cao.pyz or the installed module)."""
+    return [sys.executable, _zip_archive() or os.path.abspath(__file__)]
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class CaoError(Exception):
+    """Base of every error cao reports; `status` is its HTTP code."""
+    status = 400
+
+
+class ConfigError(CaoError):
+    pass
+
+
+class ProfileError(CaoError):
+    pass
+
+
+class NotFound(CaoError):
+    status = 404
+
+
+class Conflict(CaoError):
+    status = 409
+
+
+class TmuxError(CaoError):
+    status = 503
+
+
+class ServerUnavailable(CaoError):
+    status = 503
+
+
+###############################################################################
+# Profiles ####################################################################
+###############################################################################
+
+# Profiles are Markdown with YAML frontmatter. Only the YAML that profiles use is
+# parsed: block maps and lists, flow lists and maps one level deep, quoted and
+# plain scalars, block scalars. Anything else is an error naming file and line.
+
+_YAML_BOOLS = {"true": True, "yes": True, "on": True,
+               "false": False, "no": False, "off": False}
+_YAML_INT = re.compile(r"[-+]?(0|[1-9][0-9_]*)")
+_YAML_FLOAT = re.compile(r"[-+]?([0-9][0-9_]*)?\.[0-9_]*([eE][-+][0-9]+)?")
+_YAML_DATE = re.compile(r"\d{4}-\d\d?-\d\d?([Tt ].*)?")
+_DQ_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\",
+               "/": "/", " ": " ", "a": "\a", "b": "\b", "e": "\x1b"}
+
+
+class _YamlLine:
+    __slots__ = ("no", "indent", "text")
+
+    def __init__(self, no, indent, text):
+        self.no, self.indent, self.text = no, indent, text
+
+
+class _YamlSubset:
+    def __init__(self, text, source, first_line):
+        self.source = source
+        self.raw = text.split("\n")
+        self.first = first_line
+        self.lines = []
+        for i, raw in enumerate(self.raw):
+            stripped = raw.lstrip(" ")
+            if stripped.startswith("\t"):
+                self.fail(i, "tab used for indentation; indent with spaces")
+            content = self._strip_comment(stripped, i)
+            if content:
+                self.lines.append(_YamlLine(i, len(raw) - len(stripped), content))
+        self.pos = 0
+
+    def fail(self, index, why):
+        raise ProfileError(f"{self.source}:{self.first + index}: {why}")
+
+    def _strip_comment(self, s, index):
+        quote = None
+        for i, ch in enumerate(s):
+            if quote:
+                if ch == quote:
+                    quote = None
+            elif ch in "\"'" and (i == 0 or s[i - 1] in " [{,:-"):
+                quote = ch
+            elif ch == "#" and (i == 0 or s[i - 1] in " \t"):
+                return s[:i].rstrip()
+        return s.rstrip()
+
+    def parse(self):
+        if not self.lines:
+            return {}
+        first = self.lines[0]
+        if first.indent:
+            self.fail(first.no, "frontmatter must start at column 1")
+        value = self.block(0)
+        if self.pos < len(self.lines):
+            self.fail(self.lines[self.pos].no, "unexpected indentation")
+        if not isinstance(value, dict):
+            self.fail(first.no, "frontmatter must be a mapping of keys to values")
+        return value
+
+    def block(self, indent):
+        line = self.lines[self.pos]
+        if line.text == "-" or line.text.startswith("- "):
+            return self.seq(indent)
+        return self.mapping(indent)
+
+    def seq(self, indent):
+        items = []
+        while self.pos < len(self.lines):
+            line = self.lines[self.pos]
+            if line.indent < indent:
+                break
+            if line.indent > indent:
+                self.fail(line.no, "unexpected indentation")
+            if not (line.text == "-" or line.text.startswith("- ")):
+                break
+            rest = line.text[1:].lstrip(" ")
+            if not rest:
+                self.pos += 1
+                items.append(self.nested(line, indent))
+                continue
+            # "- key: value" opens a mapping whose keys align with "key".
+            inner = line.indent + len(line.text) - len(rest)
+            if self._key_split(rest, line) is not None:
+                self.lines[self.pos] = _YamlLine(line.no, inner, rest)
+                items.append(self.mapping(inner))
+            else:
+                self.pos += 1
+                items.append(self.inline(rest, line))
+        return items
+
+    def mapping(self, indent):
+        result = {}
+        while self.pos < len(self.lines):
+            line = self.lines[self.pos]
+            if line.indent < indent:
+                break
+            if line.indent > indent:
+                self.fail(line.no, "unexpected indentation")
+            split = self._key_split(line.text, line)
+            if split is None:
+                if line.text.startswith("- "):
+                    break
+                self.fail(line.no, f"expected 'key: value', got {line.text!r}")
+            key, rest = split
+            if key in result:
+                self.fail(line.no, f"duplicate key {key!r}")
+            self.pos += 1
+            if not rest:
+                result[key] = self.nested(line, indent, allow_same_indent_seq=True)
+            elif rest[0] in "|>":
+                result[key] = self.block_scalar(rest, line, indent)
+            else:
+                result[key] = self.inline(rest, line)
+        return result
+
+    def nested(self, parent, indent, allow_same_indent_seq=False):
+        if self.pos >= len(self.lines):
+            return None
+        nxt = self.lines[self.pos]
+        if nxt.indent > indent:
+            return self.block(nxt.indent)
+        if allow_same_indent_seq and nxt.indent == indent and (
+                nxt.text == "-" or nxt.text.startswith("- ")):
+            return self.seq(indent)
+        return None
+
+    def _key_split(self, text, line):
+        if text[0] in "\"'":
+            end = self._quote_end(text, line)
+            key = self.scalar(text[:end + 1], line)
+            rest = text[end + 1:]
+            if not rest.startswith(":"):
+                return None
+            return key, rest[1:].strip()
+        if text[0] in "?&*!%@`|>[{":
+            if text[0] in "?&*!%@`":
+                self.fail(line.no, f"YAML feature {text[0]!r} is not supported in profiles")
+            return None
+        m = re.match(r"([^:]*?)\s*:(?:\s+|$)", text)
+        if not m or m.group(1).startswith("- ") or not m.group(1):
+            return None
+        return m.group(1), text[m.end():].strip()
+
+    def _quote_end(self, text, line):
+        quote, i = text[0], 1
+        while i < len(text):
+            if text[i] == "\\" and quote == '"':
+                i += 2
+                continue
+            if text[i] == quote:
+                if quote == "'" and text[i + 1:i + 2] == "'":
+                    i += 2
+                    continue
+                return i
+            i += 1
+        self.fail(line.no, "unterminated quoted string; close the quote on the same line")
+
+    def block_scalar(self, header, line, indent):
+        m = re.fullmatch(r"([|>])([-+]?)", header)
+        if not m:
+            self.fail(line.no, f"unsupported block scalar header {header!r}; use | or >")
+        style, chomp = m.groups()
+        # Block scalars keep their raw lines, comments and blank lines included.
+        start = line.no + 1
+        end = start
+        body_indent = None
+        while end < len(self.raw):
+            raw = self.raw[end]
+            if raw.strip():
+                ind = len(raw) - len(raw.lstrip(" "))
+                if ind <= indent:
+                    break
+                body_indent = ind if body_indent is None else min(body_indent, ind)
+            end += 1
+        while self.pos < len(self.lines) and self.lines[self.pos].no < end:
+            self.pos += 1
+        lines = [r[body_indent:] if body_indent else "" for r in self.raw[start:end]]
+        while lines and not lines[-1].strip():
+            lines.pop()
+        trailing = end - start - len(lines)
+        if style == "|":
+            text = "\n".join(lines)
+        else:
+            text = ""
+            for i, cur in enumerate(lines):
+                if i == 0:
+                    text = cur
+                elif not cur:
+                    text += "\n"
+                elif lines[i - 1] and not cur.startswith(" ") and not lines[i - 1].startswith(" "):
+                    text += " " + cur
+                else:
+                    text += ("" if text.endswith("\n") else "\n") + cur
+        if not lines:
+            return ""
+        if chomp == "-":
+            return text
+        if chomp == "+":
+            return text + "\n" * (1 + trailing)
+        return text + "\n"
+
+    def inline(self, text, line):
+        if text[0] in "[{":
+            return self.flow(text, line)
+        return self.scalar(text, line)
+
+    def flow(self, text, line):
+        close = "]" if text[0] == "[" else "}"
+        if not text.endswith(close):
+            self.fail(line.no, f"flow collection must close with {close!r} on the same line")
+        items, cur, quote = [], "", None
+        for ch in text[1:-1]:
+            if quote:
+                cur += ch
+                if ch == quote:
+                    quote = None
+            elif ch in "\"'" and (not cur.strip() or cur.rstrip().endswith(":")):
+                quote = ch
+                cur += ch
+            elif ch in "[]{}":
+                self.fail(line.no, "nested flow collections are not supported; use block style")
+            elif ch == ",":
+                items.append(cur.strip())
+                cur = ""
+            else:
+                cur += ch
+        if quote:
+            self.fail(line.no, "unterminated quoted string in flow collection")
+        if cur.strip():
+            items.append(cur.strip())
+        elif items:
+            pass  # YAML allows one trailing comma
+        if close == "]":
+            return [self.scalar(item, line) for item in items]
+        result = {}
+        for item in items:
+            split = self._key_split(item, line) if item else None
+            if split is None:
+                self.fail(line.no, f"expected 'key: value' in flow mapping, got {item!r}")
+            key, value = split
+            result[key] = self.scalar(value, line) if value else None
+        return result
+
+    def scalar(self, text, line):
+        if text[0] == '"':
+            end = self._quote_end(text, line)
+            if text[end + 1:].strip():
+                self.fail(line.no, "text after closing quote")
+            return self._unescape(text[1:end], line)
+        if text[0] == "'":
+            end = self._quote_end(text, line)
+            if text[end + 1:].strip():
+                self.fail(line.no, "text after closing quote")
+            return text[1:end].replace("''", "'")
+        if text[0] in "&*!%@`" or text.startswith(("---", "...")):
+            self.fail(line.no, f"YAML feature {text[:3]!r} is not supported in profiles; quote the value")
+        if text in ("~", "null", "Null", "NULL"):
+            return None
+        if text.lower() in _YAML_BOOLS and text in (text.lower(), text.upper(), text.capitalize()):
+            return _YAML_BOOLS[text.lower()]
+        if _YAML_INT.fullmatch(text):
+            return int(text.replace("_", ""))
+        if _YAML_FLOAT.fullmatch(text) and text not in (".", "+.", "-."):
+            return float(text.replace("_", ""))
+        if text.lower() in (".inf", "+.inf", "-.inf", ".nan"):
+            return float(text.lower().replace(".", ""))
+        if _YAML_DATE.fullmatch(text) or re.fullmatch(r"0[0-7]+|0x[0-9a-fA-F]+|0b[01]+|[-+]?\d+(:\d+)+", text):
+            self.fail(line.no, f"ambiguous value {text!r}; quote it")
+        if ": " in text or " #" in text:
+            self.fail(line.no, f"plain value {text!r} holds ': '; quote it")
+        return text
+
+    def _unescape(self, s, line):
+        out, i = [], 0
+        while i < len(s):
+            ch = s[i]
+            if ch != "\\":
+                out.append(ch)
+                i += 1
+                continue
+            nxt = s[i + 1:i + 2]
+            if nxt in _DQ_ESCAPES:
+                out.append(_DQ_ESCAPES[nxt])
+                i += 2
+            elif nxt in ("x", "u", "U"):
+                width = {"x": 2, "u": 4, "U": 8}[nxt]
+                digits = s[i + 2:i + 2 + width]
+                if not re.fullmatch(r"[0-9a-fA-F]{%d}" % width, digits):
+                    self.fail(line.no, f"bad \\{nxt} escape in double-quoted string")
+                out.append(chr(int(digits, 16)))
+                i += 2 + width
+            else:
+                self.fail(line.no, f"unknown escape \\{nxt} in double-quoted string")
+        return "".join(out)
+
+
+def parse_frontmatter(text, source="<string>"):
+    """Split a profile into (frontmatter dict, body). No frontmatter gives ({}, text)."""
+    text = text.replace("\r\n", "\n")
+    if not text.startswith("---\n") and text.rstrip("\n") != "---":
+        return {}, text
+    lines = text.split("\n")
+    for end in range(1, len(lines)):
+        if lines[end].rstrip() == "---":
+            break
+    else:
+        raise ProfileError(f"{source}:1: frontmatter opened with '---' is never closed; add a '---' line")
+    meta = _YamlSubset("\n".join(lines[1:end]), source, 2).parse()
+    return meta, "\n".join(lines[end + 1:])
+
+
+def _env_file_values():
+    values = {}
+    try:
+        with open(cao_home() / ".env", encoding="utf-8") as f:
+            for line in f:
+                key, sep, value = line.strip().partition("=")
+                if sep and not key.startswith("#"):
+                    values[key.strip()] = value.strip().strip("\"'")
+    except OSError:
+        pass
+    return values
+
+
+def _substitute_vars(text):
+    values = {**_env_file_values(), **os.environ}
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+                  lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def profile_dirs():
+    """Directories searched for <name>.md or <name>/agent.md, first match wins."""
+    home = cao_home()
+    dirs = [home / "agent-store", home / "agent-context",
+            UPSTREAM_HOME / "agent-store", UPSTREAM_HOME / "agent-context"]
+    extra = load_settings().get("agents", {}).get("extra_dirs", [])
+    dirs += [Path(d).expanduser() for d in extra if isinstance(d, str)]
+    return dirs
+
+
+def _check_profile_name(name):
+    if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
+        raise CaoError(f"invalid agent profile name {name!r}; use 1-64 letters, digits, '_' or '-'")
+
+
+def _find_profile(name):
+    _check_profile_name(name)
+    for d in profile_dirs():
+        for path in (d / f"{name}.md", d / name / "agent.md"):
+            if path.is_file():
+                return path.read_text(encoding="utf-8"), str(path)
+    data = read_resource(f"profiles/{name}.md")
+    if data is not None:
+        return data.decode("utf-8"), f"built-in:{name}"
+    raise NotFound(f"agent profile {name!r} not found; run `cao install {name}` "
+                   "or check `GET /agents/profiles`")
+
+
+def _profile_from_text(text, source, name):
+    meta, body = parse_frontmatter(_substitute_vars(text), source)
+    profile = dict(meta)
+    profile.setdefault("name", name)
+    profile.setdefault("description", "")
+    profile["system_prompt"] = body.strip()
+    profile["source"] = source
+    return profile
+
+
+def load_profile(name):
+    text, source = _find_profile(name)
+    return _profile_from_text(text, source, name)
+
+
+def list_profiles():
+    seen = {}
+    sources = [(d, str(d)) for d in profile_dirs()]
+    for d, label in sources:
+        if d.is_dir():
+            for entry in sorted(d.iterdir()):
+                name = entry.stem if entry.suffix == ".md" else entry.name
+                if PROFILE_NAME_RE.fullmatch(name) and name not in seen and (
+                        entry.suffix == ".md" or (entry / "agent.md").is_file()):
+                    seen[name] = label
+    for fname in list_resources("profiles"):
+        if fname.endswith(".md"):
+            seen.setdefault(fname[:-3], "built-in")
+    result = []
+    for name, label in seen.items():
+        try:
+            profile = load_profile(name)
+            result.append({"name": name, "description": profile.get("description") or "",
+                           "provider": profile.get("provider"), "source": label})
+        except CaoError as e:
+            result.append({"name": name, "description": "", "source": label, "error": str(e)})
+    return result
+
+
+PROFILE_URL_HOSTS = ("github.com", "raw.githubusercontent.com")
+
+
+def _fetch_profile_url(url):
+    parts = urllib.parse.urlsplit(url)
+    allowed = PROFILE_URL_HOSTS + tuple(
+        h.strip() for h in os.environ.get("CAO_PROFILE_ALLOWED_HOSTS", "").split(",") if h.strip())
+    if parts.scheme != "https" or parts.hostname not in allowed:
+        raise CaoError(f"profile URL must be https on {', '.join(allowed)}; "
+                       "set CAO_PROFILE_ALLOWED_HOSTS to allow another host")
+    if parts.query or parts.fragment or parts.username or not parts.path.endswith(".md"):
+        raise CaoError("profile URL must point at a .md file, with no query, fragment or user")
+    if parts.hostname == "github.com" and "/blob/" in parts.path:
+        owner_repo, _, rest = parts.path.partition("/blob/")
+        url = f"https://raw.githubusercontent.com{owner_repo}/{rest}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.read(1 << 20).decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise CaoError(f"could not download {url}: {e}")
+
+
+def install_profile(source):
+    """Install a profile by built-in name, local .md path or https URL; returns its info."""
+    if source.startswith(("https://", "http://")):
+        text = _fetch_profile_url(source)
+        name = Path(urllib.parse.urlsplit(source).path).stem
+        origin = source
+    elif source.endswith(".md") or os.sep in source:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise NotFound(f"profile file {source} does not exist; check the path")
+        text, name, origin = path.read_text(encoding="utf-8"), path.stem, str(path)
+    else:
+        text, origin = _find_profile(source)
+        name = source
+    _check_profile_name(name)
+    profile = _profile_from_text(text, origin, name)
+    home = ensure_home()
+    for sub in ("agent-store", "agent-context"):
+        target = home / sub / f"{name}.md"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    unresolved = sorted(set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
+                                       _substitute_vars(text))))
+    return {"name": name, "path": str(home / "agent-store" / f"{name}.md"),
+            "provider": profile.get("provider"), "unresolved_vars": unresolved}
+
+
+###############################################################################
+# State #######################################################################
+###############################################################################
+
+# Each entry migrates the schema one user_version up; never edit a shipped entry.
+MIGRATIONS = [
+    """
+    CREATE TABLE sessions (
+        name TEXT PRIMARY KEY, working_directory TEXT, agent_profile TEXT,
+        created_at REAL NOT NULL);
+    CREATE TABLE terminals (
+        id TEXT PRIMARY KEY, session_name TEXT NOT NULL, window_name TEXT NOT NULL,
+        pane_id TEXT, provider TEXT NOT NULL, agent_profile TEXT,
+        working_directory TEXT, allowed_tools TEXT, caller_id TEXT,
+        status TEXT NOT NULL DEFAULT 'unknown', created_at REAL NOT NULL,
+        last_active REAL NOT NULL);
+    CREATE INDEX terminals_session ON terminals(session_name, created_at);
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, sender_id TEXT NOT NULL,
+        receiver_id TEXT NOT NULL, message TEXT NOT NULL, status TEXT NOT NULL,
+        reason TEXT, created_at REAL NOT NULL, delivered_at REAL);
+    CREATE INDEX inbox_receiver ON inbox(receiver_id, status, id);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
+        session_name TEXT, terminal_id TEXT, data TEXT);
+    """,
+]
+EVENTS_KEPT = 10000
+
+
+class Store:
+    """The sqlite database. One connection behind a lock; WAL keeps readers cheap
+    and makes every committed row survive a kill -9 of the server."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        try:
+            os.chmod(self.path, 0o600)
+        except OSError:
+            pass
+        self._migrate()
+        self._emits = 0
+
+    def _migrate(self):
+        with self.lock:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise ConfigError(f"{self.path} was written by a newer cao (schema {version}); upgrade cao")
+            for number in range(version, len(MIGRATIONS)):
+                self.db.executescript("BEGIN;" + MIGRATIONS[number]
+                                      + f";PRAGMA user_version={number + 1};COMMIT;")
+
+    def query(self, sql, args=()):
+        with self.lock:
+            return [dict(r) for r in self.db.execute(sql, args).fetchall()]
+
+    def one(self, sql, args=()):
+        rows = self.query(sql, args)
+        return rows[0] if rows else None
+
+    def execute(self, sql, args=()):
+        with self.lock:
+            cur = self.db.execute(sql, args)
+            return cur.lastrowid if cur.lastrowid else cur.rowcount
+
+    def emit(self, kind, session_name=None, terminal_id=None, **data):
+        """Record an event and wake every long-poll waiter."""
+        with self.lock:
+            seq = self.db.execute(
+                "INSERT INTO events(ts, kind, session_name, terminal_id, data) VALUES (?,?,?,?,?)",
+                (time.time(), kind, session_name, terminal_id, json.dumps(data))).lastrowid
+            self._emits += 1
+            if self._emits % 500 == 0:
+                self.db.execute("DELETE FROM events WHERE seq <= ?", (seq - EVENTS_KEPT,))
+            self.changed.notify_all()
+            return seq
+
+    def last_event_seq(self):
+        return self.one("SELECT COALESCE(MAX(seq), 0) AS seq FROM events")["seq"]
+
+    def events_after(self, after, wait=0.0, limit=500):
+        deadline = time.monotonic() + wait
+        with self.lock:
+            while True:
+                rows = self.query("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                  (after, limit))
+                remaining = deadline - time.monotonic()
+                if rows or remaining <= 0:
+                    break
+                self.changed.wait(remaining)
+        for row in rows:
+            row["data"] = json.loads(row["data"] or "{}")
+        return rows
+
+    def wait_until(self, predicate, timeout):
+        """Block until predicate() is true (checked on every change) or timeout; returns it."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                value = predicate()
+                remaining = deadline - time.monotonic()
+                if value or remaining <= 0:
+                    return value
+                self.changed.wait(remaining)
+
+    def close(self):
+        with self.lock:
+            self.db.close()
+
+
+###############################################################################
+# Tmux ########################################################################
+###############################################################################
+
+def tmux_argv(*args):
+    sock = os.environ.get("CAO_TMUX_SOCKET")
+    return ["tmux"] + (["-L", sock] if sock else []) + [str(a) for a in args]
+
+
+def tmux(*args, input=None, check=True):
+    """Run one tmux command (chain more with ';' arguments); returns stdout text."""
+    try:
+        result = subprocess.run(tmux_argv(*args), input=input, capture_output=True, timeout=30)
+    except FileNotFoundError:
+        raise TmuxError("tmux is not installed; install it (apt install tmux / brew install tmux)")
+    except subprocess.TimeoutExpired:
+        raise TmuxError(f"tmux {args[0]} did not answer within 30 s")
+    if check and result.returncode:
+        err = result.stderr.decode(errors="replace").strip()
+        raise TmuxError(f"tmux {args[0]} failed: {err or 'exit ' + str(result.returncode)}")
+    return result.stdout.decode(errors="replace")
+
+
+def tmux_spawn(session, window, cwd, env, argv, new_session):
+    """Start argv in a new detached 220x50 window (and session); returns the pane id."""
+    env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
+    if new_session:
+        head = ["new-session", "-d", "-s", session, "-x", 220, "-y", 50]
+    else:
+        head = ["new-window", "-d", "-t", f"={session}:"]
+    pane = tmux(*head, "-n", window, "-c", cwd, *env_args, "-P", "-F", "#{pane_id}",
+                "--", *argv).strip()
+    # Keep a dead pane on screen so its last words can be read and its status is error.
+    tmux("set-option", "-w", "-t", pane, "remain-on-exit", "on", ";",
+         "set-option", "-w", "-t", pane, "allow-rename", "off")
+    return pane
+
+
+def tmux_capture(pane, history=None, escapes=False):
+    """The pane's text; history=None gives the visible screen, 'all' everything."""
+    args = ["capture-pane", "-p", "-J", "-t", pane]
+    if escapes:
+        args.append("-e")
+    if history == "all":
+        args += ["-S", "-", "-E", "-"]
+    elif history:
+        args += ["-S", -int(history)]
+    return tmux(*args)
+
+
+def tmux_capture_state(pane):
+    """(screen text, pane_dead) in one tmux call; None when the pane is gone."""
+    marker = "\x1f" + uuid.uuid4().hex
+    result = subprocess.run(tmux_argv("capture-pane", "-p", "-J", "-t", pane, ";",
+                                      "display-message", "-p", "-t", pane,
+                                      marker + "#{pane_dead}"),
+                            capture_output=True)
+    if result.returncode:
+        return None
+    text = result.stdout.decode(errors="replace")
+    screen, _, dead = text.rpartition(marker)
+    return screen, dead.strip() == "1"
+
+
+def tmux_paste(pane, text):
+    """Paste text as one bracketed paste (tmux adds the markers if the app asked)."""
+    buf = "cao-" + uuid.uuid4().hex[:12]
+    tmux("load-buffer", "-b", buf, "-", ";", "paste-buffer", "-p", "-d", "-b", buf, "-t", pane,
+         input=text.encode())
+
+
+def tmux_keys(pane, *keys):
+    tmux("send-keys", "-t", pane, *keys)
+
+
+def tmux_pane_info(pane, fmt):
+    try:
+        return tmux("display-message", "-p", "-t", pane, fmt).strip()
+    except TmuxError:
+        return None
+
+
+def tmux_list_panes():
+    """{pane_id: {session, window, dead}} of every pane on the server."""
+    out = tmux("list-panes", "-a", "-F",
+               "#{pane_id}\t#{session_name}\t#{window_name}\t#{pane_dead}", check=False)
+    panes = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4:
+            panes[parts[0]] = {"session": parts[1], "window": parts[2], "dead": parts[3] == "1"}
+    return panes
+
+
+def tmux_sessions():
+    """{name: attached_clients} of every tmux session on the server."""
+    out = tmux("list-sessions", "-F", "#{session_name}\t#{session_attached}", check=False)
+    return {n: int(a or 0) for n, _, a in (l.partition("\t") for l in out.splitlines()) if n}
+
+
+def tmux_pipe(pane, fifo):
+    """Stream the pane's output into fifo (replacing any older pipe)."""
+    tmux("pipe-pane", "-t", pane, ";", "pipe-pane", "-t", pane,
+         "exec cat >> " + shlex.quote(str(fifo)))
+
+
+###############################################################################
+# Providers ###################################################################
+###############################################################################
+
+# A provider is data: how to launch its CLI from a profile, how its screen looks
+# in each state, where its last answer is, and how to make it exit. The logic
+# that uses these fields lives once, in the terminals section. Users add entries
+# under "providers" in settings.json with the same fields.
+#
+#   command   argv template; "{cao}" expands to this program, other {fields} to
+#             profile values: profile, system_prompt, model, terminal_id
+#   binary    executable that must be on PATH; install: how to get it
+#   args      extra argv per profile feature, added when the feature is set:
+#             system_prompt, model, yolo (allowed tools "*")
+#   env       extra environment for the CLI (templates as in command)
+#   status    ordered [status, regex] pairs tried on the last tail_lines lines of
+#             the screen (re.M); first match wins
+#   answer    start/end regexes around the last answer: the answer is the text
+#             between the last `end` line and the `start` line above it
+#   exit      {"keys": [tmux key names]} or {"text": "/exit"}
+#   submit    {"enter_delay": seconds between paste and Enter}
+
+STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "unknown")
+READY_STATUSES = ("idle", "completed", "waiting_user_answer")
+
+PROVIDERS = {
+    "demo": {
+        "description": "built-in demo agent: answers 'done: <first line>' after CAO_DEMO_DELAY s",
+        "command": ["{cao}", "demo-agent", "--profile", "{profile}"],
+        "status": [
+            ["processing", r"working\.\.\.\Z"],
+            ["completed", r"^done: .*\n>( .*)?\Z"],
+            ["idle", r"^>( .*)?\Z"],
+        ],
+        "tail_lines": 5,
+        "answer": {"start": r"^> \S", "end": r"^>( .*)?$"},
+        "exit": {"keys": ["C-d"]},
+    },
+}
+_PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "status",
+                  "tail_lines", "answer", "exit", "submit"}
+
+
+def _check_provider(name, spec, origin):
+    def bad(why):
+        raise ConfigError(f"{origin}: provider {name!r}: {why}")
+    unknown = set(spec) - _PROVIDER_KEYS
+    if unknown:
+        bad(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_PROVIDER_KEYS))}")
+    cmd = spec.get("command")
+    if not (isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd)):
+        bad('"command" must be a non-empty list of strings')
+    for status, pattern in spec.get("status", []):
+        if status not in STATUSES:
+            bad(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        try:
+            re.compile(pattern, re.M)
+        except re.error as e:
+            bad(f"status pattern {pattern!r}: {e}")
+    for key in ("start", "end"):
+        if key in spec.get("answer", {}):
+            try:
+                re.compile(spec["answer"][key], re.M)
+            except re.error as e:
+                bad(f"answer.{key}: {e}")
+    return spec
+
+
+def providers():
+    """The provider table: built-ins plus valid entries from settings.json."""
+    table = dict(PROVIDERS)
+    user = load_settings().get("providers", {})
+    if not isinstance(user, dict):
+        raise ConfigError(f"{cao_home() / 'settings.json'}: \"providers\" must be an object")
+    for name, spec in user.items():
+        if not NAME_RE.fullmatch(name) or not isinstance(spec, dict):
+            raise ConfigError(f"settings.json: provider {name!r} needs a simple name and an object")
+        table[name] = _check_provider(name, {**table.get(name, {}), **spec}, "settings.json")
+    return table
+
+
+def get_provider(name):
+    table = providers()
+    if name not in table:
+        raise CaoError(f"unknown provider {name!r}; choose one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def provider_installed(spec):
+    binary = spec.get("binary")
+    return binary is None or shutil.which(binary) is not None
+
+
+def launch_argv(spec, fields, yolo):
+    """The CLI's argv for a profile: command, then the args of each feature in use."""
+    def expand(template):
+        if template == "{cao}":
+            return self_command()
+        return [template.format_map(fields)]
+    argv = [a for t in spec["command"] for a in expand(t)]
+    for feature, template in spec.get("args", {}).items():
+        if feature == "yolo" and yolo or fields.get(feature):
+            argv += [a for t in template for a in expand(t)]
+    return argv
+
+
+def _screen_tail(screen, count):
+    lines = [line.rstrip() for line in screen.split("\n")]
+    return "\n".join([line for line in lines if line][-count:])
+
+
+def detect_status(spec, screen):
+    tail = _screen_tail(screen, spec.get("tail_lines", 15))
+    for status, pattern in spec.get("status", []):
+        if re.search(pattern, tail, re.M):
+            return status
+    return "unknown"
+
+
+def extract_answer(spec, text):
+    """The last answer on a screen/scrollback, or None when none is there."""
+    answer = spec.get("answer")
+    if not answer:
+        return None
+    lines = [line.rstrip() for line in text.split("\n")]
+    end_re, start_re = re.compile(answer["end"]), re.compile(answer["start"])
+    end = len(lines)
+    while end > 0 and not lines[end - 1]:
+        end -= 1
+    end -= 1
+    while end >= 0 and not end_re.match(lines[end]):
+        end -= 1
+    start = end - 1
+    while start >= 0 and not start_re.match(lines[start]):
+        start -= 1
+    if start < 0 or end - start < 2:
+        return None
+    return "\n".join(lines[start + 1:end]).strip("\n")
+
+
+###############################################################################
+# Demo agent ##################################################################
+###############################################################################
+
+DEMO_PROMPT = "> "
+
+
+class _DemoInput:
+    """Reads one submitted input from a raw tty, understanding bracketed paste, so a
+    pasted multi-line message stays one input until Enter, as in real agent CLIs."""
+
+    def __init__(self, fd):
+        self.fd, self.pending = fd, b""
+
+    def read(self):
+        buf, in_paste = [], False
+        while True:
+            if not self.pending:
+                chunk = os.read(self.fd, 4096)
+                if not chunk:
+                    return None
+                self.pending = chunk
+            data, self.pending = self.pending, b""
+            i = 0
+            while i < len(data):
+                if data.startswith(b"\x1b[200~", i):
+                    in_paste, i = True, i + 6
+                elif data.startswith(b"\x1b[201~", i):
+                    in_paste, i = False, i + 6
+                elif data[i:i + 1] in (b"\r", b"\n") and not in_paste:
+                    self.pending = data[i + 1:]
+                    sys.stdout.write("\r\n")
+                    return b"".join(buf).decode(errors="replace")
+                elif data[i:i + 1] == b"\x04" and not buf:
+                    return None
+                elif data[i:i + 1] == b"\x03":
+                    buf = []
+                    sys.stdout.write("^C\r\n" + DEMO_PROMPT)
+                    i += 1
+                elif data[i:i + 1] in (b"\x7f", b"\x08"):
+                    if buf:
+                        buf.pop()
+                        sys.stdout.write("\b \b")
+                    i += 1
+                else:
+                    ch = data[i:i + 1]
+                    ch = b"\n" if ch == b"\r" else ch
+                    buf.append(ch)
+                    sys.stdout.write("\u21b5" if ch == b"\n" else ch.decode(errors="replace"))
+                    i += 1
+            sys.stdout.flush()
+
+
+def demo_answer(text):
+    """The demo agent's reply to one input; orchestration commands plug in here."""
+    first = (text.strip().split("\n") or [""])[0].strip()
+    return f"done: {first}"
+
+
+def run_demo_agent(profile):
+    import termios
+    import tty
+    delay = float(os.environ.get("CAO_DEMO_DELAY", "0.3") or 0)
+    interactive = os.isatty(0)
+    saved = termios.tcgetattr(0) if interactive else None
+    out = sys.stdout
+    if interactive:
+        tty.setcbreak(0)
+        out.write("\x1b[?2004h")
+    reader = _DemoInput(0)
+    out.write(f"cao demo agent (profile: {profile}). Type a message; Ctrl-D exits.\r\n")
+    try:
+        while True:
+            out.write(DEMO_PROMPT)
+            out.flush()
+            text = reader.read() if interactive else sys.stdin.readline() or None
+            if text is None:
+                break
+            if not text.strip():
+                continue
+            started = time.monotonic()
+            spin = 0
+            while time.monotonic() - started < delay:
+                out.write("\r" + "|/-\\"[spin % 4] + " working...")
+                out.flush()
+                spin += 1
+                time.sleep(min(0.1, max(0.0, delay - (time.monotonic() - started))))
+            out.write("\r\x1b[K" + demo_answer(text).replace("\n", "\r\n") + "\r\n")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if interactive:
+            out.write("\x1b[?2004l")
+            out.flush()
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+    return 0
+
+
+###############################################################################
+# Terminals ###################################################################
+###############################################################################
+
+BLOCKED_WORKDIRS = {"/", "/bin", "/sbin", "/usr", "/usr/bin", "/usr/sbin", "/etc", "/var",
+                    "/tmp", "/dev", "/proc", "/sys", "/boot", "/lib", "/lib64", "/root"}
+KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-z0-9]|[CMS]-[A-Za-z0-9])")
+WINDOW_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "SHELL",
+                   "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR")
+DEFAULT_PROVIDER = "demo"
+
+
+def session_name_for(name):
+    name = name if name.startswith(SESSION_PREFIX) else SESSION_PREFIX + name
+    if not NAME_RE.fullmatch(name):
+        raise CaoError(f"invalid session name {name!r}; use letters, digits, '_' or '-' (max 64)")
+    return name
+
+
+def check_terminal_id(terminal_id):
+    if not isinstance(terminal_id, str) or not TERMINAL_ID_RE.fullmatch(terminal_id):
+        raise CaoError(f"invalid terminal id {terminal_id!r}; ids are 8 lowercase hex characters")
+    return terminal_id
+
+
+def resolve_working_directory(path):
+    path = os.path.realpath(os.path.expanduser(path or os.getcwd()))
+    if not os.path.isdir(path):
+        raise CaoError(f"working directory {path} does not exist; create it or pass another one")
+    if path in BLOCKED_WORKDIRS:
+        raise CaoError(f"working directory {path} is a system directory; use a project directory")
+    return path
+
+
+def parse_allowed_tools(value):
+    if value is None or value == "":
+        return None
+    tools = value if isinstance(value, list) else str(value).split(",")
+    tools = [t.strip() for t in tools if isinstance(t, str) and t.strip()]
+    if not tools or any(len(t) > 128 for t in tools):
+        raise CaoError("allowed_tools must be a comma-separated list of tool names, or *")
+    return tools
+
+
+class _Pane:
+    __slots__ = ("terminal_id", "pane_id", "fifo", "fd", "log", "dirty_since",
+                 "last_output", "outputs", "eof")
+
+    def __init__(self, terminal_id, pane_id, fifo, log):
+        self.terminal_id, self.pane_id, self.fifo, self.log = terminal_id, pane_id, fifo, log
+        self.fd, self.dirty_since, self.last_output, self.outputs, self.eof = None, None, 0.0, 0, False
+
+
+class StatusWatcher(threading.Thread):
+    """One thread for all panes: reads each pane's pipe-pane FIFO with a selector
+    and, once a pane's output settles, calls refresh(terminal_id) to re-read its
+    screen. An idle pane costs nothing; there is no per-terminal poll loop."""
+
+    QUIET = 0.025       # re-read a screen once its output paused this long ...
+    MAX_DELAY = 0.1     # ... or at least this often while it keeps printing
+
+    def __init__(self, fifo_dir, log_dir, refresh):
+        super().__init__(name="cao-status", daemon=True)
+        self.fifo_dir, self.log_dir, self.refresh = Path(fifo_dir), Path(log_dir), refresh
+        self.selector = selectors.DefaultSelector()
+        self.panes = {}
+        self.ops = []
+        self.cond = threading.Condition()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.stopping = False
+
+    def _queue(self, op, *args):
+        with self.cond:
+            self.ops.append((op, args))
+        os.write(self.wake_w, b"x")
+
+    def add(self, terminal_id, pane_id):
+        self._queue(self._add, terminal_id, pane_id)
+
+    def remove(self, terminal_id):
+        self._queue(self._remove, terminal_id)
+
+    def poke(self, terminal_id):
+        """Re-read this terminal's screen soon even if it printed nothing."""
+        self._queue(self._mark, terminal_id)
+
+    def stop(self):
+        self.stopping = True
+        os.write(self.wake_w, b"x")
+
+    def output_count(self, terminal_id):
+        pane = self.panes.get(terminal_id)
+        return pane.outputs if pane else 0
+
+    def wait_settled(self, terminal_id, after_count, quiet=0.08, timeout=1.0):
+        """Wait until the pane printed something after after_count and then went quiet."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                pane = self.panes.get(terminal_id)
+                now = time.monotonic()
+                if pane is None or now >= deadline:
+                    return False
+                if pane.outputs > after_count and now - pane.last_output >= quiet:
+                    return True
+                wait = deadline - now
+                if pane.outputs > after_count:
+                    wait = min(wait, quiet - (now - pane.last_output))
+                self.cond.wait(max(wait, 0.005))
+
+    def _add(self, terminal_id, pane_id):
+        self._remove(terminal_id)
+        fifo = self.fifo_dir / f"{terminal_id}.fifo"
+        if not fifo.exists():
+            os.mkfifo(fifo, 0o600)
+        pane = _Pane(terminal_id, pane_id, fifo, open(self.log_dir / f"{terminal_id}.log", "ab", 0))
+        pane.fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self.selector.register(pane.fd, selectors.EVENT_READ, pane)
+        self.panes[terminal_id] = pane
+        try:
+            tmux_pipe(pane_id, fifo)
+        except TmuxError:
+            pass  # the pane is gone already; the refresh below notices
+        self._mark(terminal_id)
+
+    def _close_fd(self, pane):
+        if pane.fd is not None:
+            self.selector.unregister(pane.fd)
+            os.close(pane.fd)
+            pane.fd = None
+
+    def _remove(self, terminal_id):
+        pane = self.panes.pop(terminal_id, None)
+        if pane:
+            self._close_fd(pane)
+            pane.log.close()
+            try:
+                pane.fifo.unlink()
+            except OSError:
+                pass
+
+    def _mark(self, terminal_id, now=None):
+        pane = self.panes.get(terminal_id)
+        if pane and pane.dirty_since is None:
+            pane.dirty_since = now or time.monotonic()
+
+    def _read(self, pane):
+        try:
+            data = os.read(pane.fd, 65536)
+        except BlockingIOError:
+            return
+        now = time.monotonic()
+        if not data:
+            # The pipe closed: the pane died, vanished, or its pipe was replaced.
+            self._close_fd(pane)
+            pane.eof = True
+        else:
+            pane.log.write(data)
+        with self.cond:
+            pane.outputs += 1
+            pane.last_output = now
+            self.cond.notify_all()
+        self._mark(pane.terminal_id, now)
+
+    def _due(self, now):
+        due, wait = [], None
+        for pane in self.panes.values():
+            if pane.dirty_since is None:
+                continue
+            at = min(pane.last_output + self.QUIET, pane.dirty_since + self.MAX_DELAY)
+            if at <= now:
+                due.append(pane)
+            else:
+                wait = at - now if wait is None else min(wait, at - now)
+        return due, wait
+
+    def run(self):
+        while not self.stopping:
+            with self.cond:
+                ops, self.ops = self.ops, []
+            for op, args in ops:
+                op(*args)
+            due, wait = self._due(time.monotonic())
+            for pane in due:
+                pane.dirty_since = None
+                try:
+                    self.refresh(pane.terminal_id)
+                except Exception:
+                    traceback.print_exc()
+            if due:
+                continue
+            for key, _ in self.selector.select(wait):
+                if key.data is None:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._read(key.data)
+        for terminal_id in list(self.panes):
+            self._remove(terminal_id)
+
+    def rearm(self, terminal_id):
+        """Re-open a pane's stream after its pipe closed while the pane lives on."""
+        pane = self.panes.get(terminal_id)
+        if pane and pane.eof:
+            self._queue(self._add, terminal_id, pane.pane_id)
+
+
+class Runtime:
+    """Sessions and terminals: tmux windows + database rows + live status."""
+
+    def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT):
+        self.store, self.host, self.port = store, host, port
+        home = ensure_home()
+        self.home = home
+        self.watcher = StatusWatcher(home / "fifos", home / "logs" / "terminal", self._refresh)
+        self.status = {}
+        self.input_gen = {}
+        self.input_locks = {}
+        self.status_listeners = []
+        self._sessions_cache = (0.0, {})
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self):
+        panes = tmux_list_panes()
+        for row in self.store.query("SELECT * FROM terminals"):
+            pane = panes.get(row["pane_id"] or "")
+            if pane and pane["session"] == row["session_name"]:
+                self.status[row["id"]] = row["status"]
+                self.watcher.add(row["id"], row["pane_id"])
+            else:
+                self._forget(row["id"], "its tmux window is gone")
+        self.store.execute("DELETE FROM sessions WHERE name NOT IN "
+                           "(SELECT DISTINCT session_name FROM terminals)")
+        self.watcher.start()
+
+    def stop(self):
+        self.watcher.stop()
+        self.watcher.join(timeout=5)
+
+    # -- lookups -----------------------------------------------------------
+    def terminal_row(self, terminal_id):
+        check_terminal_id(terminal_id)
+        row = self.store.one("SELECT * FROM terminals WHERE id = ?", (terminal_id,))
+        if not row:
+            raise NotFound(f"terminal {terminal_id} not found; list terminals with GET /sessions/<name>")
+        return row
+
+    def terminal_json(self, row):
+        tools = json.loads(row["allowed_tools"]) if row["allowed_tools"] else None
+        return {"id": row["id"], "name": row["window_name"], "provider": row["provider"],
+                "session_name": row["session_name"], "agent_profile": row["agent_profile"],
+                "caller_id": row["caller_id"], "allowed_tools": tools,
+                "working_directory": row["working_directory"],
+                "tmux_session": row["session_name"], "tmux_window": row["window_name"],
+                "status": self.status.get(row["id"], row["status"]),
+                "last_active": _iso(row["last_active"])}
+
+    def get_terminal(self, terminal_id):
+        return self.terminal_json(self.terminal_row(terminal_id))
+
+    def session_terminals(self, name):
+        return [self.terminal_json(r) for r in self.store.query(
+            "SELECT * FROM terminals WHERE session_name = ? ORDER BY created_at, rowid", (name,))]
+
+    def _attached(self):
+        stamp, sessions = self._sessions_cache
+        if time.monotonic() - stamp > 1.0:
+            sessions = tmux_sessions()
+            self._sessions_cache = (time.monotonic(), sessions)
+        return sessions
+
+    def _session_json(self, row):
+        attached = self._attached().get(row["name"], 0)
+        return {"id": row["name"], "name": row["name"],
+                "status": "active" if attached else "detached",
+                "working_directory": row["working_directory"],
+                "agent_profile": row["agent_profile"]}
+
+    def list_sessions(self):
+        return [self._session_json(r) for r in
+                self.store.query("SELECT * FROM sessions ORDER BY created_at")]
+
+    def get_session(self, name):
+        row = self.store.one("SELECT * FROM sessions WHERE name = ?", (session_name_for(name),))
+        if not row:
+            raise NotFound(f"session {name} not found; list sessions with `cao session list`")
+        return {"session": self._session_json(row), "terminals": self.session_terminals(row["name"])}
+
+    # -- creation ----------------------------------------------------------
+    def create_session(self, agent_profile, provider=None, session_name=None,
+                       working_directory=None, allowed_tools=None, initial_message=None):
+        name = session_name_for(session_name or uuid.uuid4().hex[:8])
+        if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
+                name in tmux_sessions():
+            raise Conflict(f"session {name} already exists; pick another --session-name "
+                           f"or run `cao shutdown --session {name}`")
+        return self.create_terminal(name, agent_profile, provider, working_directory,
+                                    allowed_tools, new_session=True,
+                                    initial_message=initial_message)
+
+    def create_terminal(self, session_name, agent_profile, provider=None, working_directory=None,
+                        allowed_tools=None, caller_id=None, new_session=False,
+                        initial_message=None):
+        profile = load_profile(agent_profile)
+        provider = provider or profile.get("provider") or \
+            load_settings().get("default_provider") or DEFAULT_PROVIDER
+        spec = get_provider(provider)
+        if not provider_installed(spec):
+            raise CaoError(f"provider {provider} needs `{spec['binary']}` on PATH; "
+                           f"install it: {spec.get('install', 'see docs/providers')}")
+        workdir = resolve_working_directory(working_directory)
+        tools = parse_allowed_tools(allowed_tools if allowed_tools is not None
+                                    else profile.get("allowedTools"))
+        if caller_id is not None:
+            self.terminal_row(caller_id)
+        session_name = session_name_for(session_name)
+        if not new_session and not self.store.one(
+                "SELECT 1 AS x FROM sessions WHERE name = ?", (session_name,)):
+            raise NotFound(f"session {session_name} not found; create it with POST /sessions")
+        terminal_id = uuid.uuid4().hex[:8]
+        window = f"{profile['name']}-{terminal_id[:4]}"
+        fields = {"profile": profile["name"], "terminal_id": terminal_id,
+                  "system_prompt": profile.get("system_prompt") or "",
+                  "model": profile.get("model") or "", "working_directory": workdir}
+        argv = launch_argv(spec, fields, yolo=tools == ["*"])
+        env = self._window_env(terminal_id)
+        env.update({k: v.format_map(fields) for k, v in spec.get("env", {}).items()})
+        now = time.time()
+        if new_session:
+            self.store.execute("INSERT INTO sessions VALUES (?,?,?,?)",
+                               (session_name, workdir, profile["name"], now))
+        self.store.execute(
+            "INSERT INTO terminals(id, session_name, window_name, provider, agent_profile,"
+            " working_directory, allowed_tools, caller_id, status, created_at, last_active)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (terminal_id, session_name, window, provider, profile["name"], workdir,
+             json.dumps(tools) if tools else None, caller_id, "unknown", now, now))
+        try:
+            pane = tmux_spawn(session_name, window, workdir, env, argv, new_session)
+        except CaoError:
+            self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
+            if new_session:
+                self.store.execute("DELETE FROM sessions WHERE name = ?", (session_name,))
+            raise
+        self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane, terminal_id))
+        self.status[terminal_id] = "unknown"
+        self.watcher.add(terminal_id, pane)
+        if new_session:
+            self.store.emit("session_created", session_name)
+        self.store.emit("terminal_created", session_name, terminal_id,
+                        agent_profile=profile["name"], provider=provider)
+        if initial_message:
+            threading.Thread(target=self._deliver_initial, daemon=True,
+                             args=(terminal_id, initial_message)).start()
+        else:
+            self.wait_ready(terminal_id, self._init_timeout(profile))
+        return self.get_terminal(terminal_id)
+
+    def _init_timeout(self, profile):
+        value = profile.get("provider_init_timeout") or load_settings().get("provider_init_timeout")
+        return float(value or os.environ.get("CAO_PROVIDER_INIT_TIMEOUT") or 60)
+
+    def _window_env(self, terminal_id):
+        env = {k: v for k, v in os.environ.items() if k.startswith("CAO_")}
+        env.update({k: os.environ[k] for k in WINDOW_ENV_KEYS if k in os.environ})
+        env.update(CAO_TERMINAL_ID=terminal_id, CAO_HOME_DIR=str(self.home),
+                   CAO_API_HOST=self.host, CAO_API_PORT=str(self.port))
+        return env
+
+    def wait_ready(self, terminal_id, timeout):
+        """Wait until the agent shows a ready screen; an agent that dies is an error."""
+        self.store.wait_until(lambda: self.status.get(terminal_id) in READY_STATUSES + ("error",)
+                              or terminal_id not in self.status, timeout)
+        status = self.status.get(terminal_id)
+        if status == "error" or status is None:
+            screen = self._screen_or_empty(terminal_id)
+            tail = " | ".join(_screen_tail(screen, 3).split("\n"))
+            raise CaoError(f"agent in terminal {terminal_id} exited while starting; its screen "
+                           f"ends: {tail or '(empty)'}")
+        return status
+
+    def _deliver_initial(self, terminal_id, message):
+        try:
+            self.wait_ready(terminal_id, 120)
+            self.send_input(terminal_id, message)
+        except CaoError as e:
+            self.store.emit("input_failed", None, terminal_id, reason=str(e))
+
+    # -- status ------------------------------------------------------------
+    def _refresh(self, terminal_id):
+        """Re-read a pane's screen and update the terminal's status (watcher thread)."""
+        row = self.store.one("SELECT pane_id, provider, session_name FROM terminals WHERE id = ?",
+                             (terminal_id,))
+        if not row:
+            self.watcher.remove(terminal_id)
+            return
+        gen = self.input_gen.get(terminal_id, 0)
+        state = tmux_capture_state(row["pane_id"])
+        if state is None:
+            self._forget(terminal_id, "its tmux window was closed")
+            return
+        screen, dead = state
+        if dead:
+            status = "error"
+        else:
+            try:
+                status = detect_status(get_provider(row["provider"]), screen)
+            except CaoError:
+                status = "unknown"
+            self.watcher.rearm(terminal_id)
+        if gen != self.input_gen.get(terminal_id, 0):
+            self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
+            return
+        if status == "unknown" and self.status.get(terminal_id, "unknown") != "unknown":
+            return
+        self._set_status(terminal_id, status, row["session_name"])
+
+    def _set_status(self, terminal_id, status, session_name):
+        with self.store.lock:
+            previous = self.status.get(terminal_id)
+            if previous == status:
+                return
+            self.status[terminal_id] = status
+            self.store.execute("UPDATE terminals SET status = ?, last_active = ? WHERE id = ?",
+                               (status, time.time(), terminal_id))
+            self.store.emit("status", session_name, terminal_id, status=status, previous=previous)
+        for listener in self.status_listeners:
+            listener(terminal_id, status)
+
+    def _screen_or_empty(self, terminal_id):
+        row = self.store.one("SELECT pane_id FROM terminals WHERE id = ?", (terminal_id,))
+        state = tmux_capture_state(row["pane_id"]) if row and row["pane_id"] else None
+        return state[0] if state else ""
+
+    # -- input and output --------------------------------------------------
+    def send_input(self, terminal_id, message):
+        """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
+        if not isinstance(message, str) or not message.strip():
+            raise CaoError("message is empty; pass the text to send")
+        row = self.terminal_row(terminal_id)
+        if self.status.get(terminal_id) == "error":
+            raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
+                           "start a new terminal")
+        spec = get_provider(row["provider"])
+        pane = row["pane_id"]
+        lock = self.input_locks.setdefault(terminal_id, threading.Lock())
+        with lock:
+            tmux_paste(pane, message)
+            delay = spec.get("submit", {}).get("enter_delay", 0)
+            if delay:
+                time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
+            needle = message.strip().split("\n")[-1].strip()[-24:]
+            for _attempt in range(3):
+                count = self.watcher.output_count(terminal_id)
+                tmux_keys(pane, "Enter")
+                self.watcher.wait_settled(terminal_id, count)
+                state = tmux_capture_state(pane)
+                if state is None or state[1]:
+                    raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
+                last_line = _screen_tail(state[0], 1)
+                if needle not in last_line or detect_status(spec, state[0]) == "processing":
+                    break
+            self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
+            self._set_status(terminal_id, "processing", row["session_name"])
+            self.watcher.poke(terminal_id)
+        self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
+                           (time.time(), terminal_id))
+
+    def send_key(self, terminal_id, key):
+        if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+            raise CaoError(f"unsupported key {key!r}; use a tmux key name such as Enter, "
+                           "Escape, Down, Tab, C-c or a single character")
+        tmux_keys(self.terminal_row(terminal_id)["pane_id"], key)
+
+    def get_output(self, terminal_id, mode="full"):
+        row = self.terminal_row(terminal_id)
+        if mode == "full":
+            return tmux_capture(row["pane_id"], history="all")
+        if mode == "last":
+            text = tmux_capture(row["pane_id"], history=2000)
+            answer = extract_answer(get_provider(row["provider"]), text)
+            if answer is None:
+                raise NotFound(f"terminal {terminal_id} shows no answer yet "
+                               f"(status {self.status.get(terminal_id)}); wait for completed")
+            return answer
+        raise CaoError(f"unknown output mode {mode!r}; use full or last")
+
+    def exit_terminal(self, terminal_id):
+        row = self.terminal_row(terminal_id)
+        how = get_provider(row["provider"]).get("exit", {"keys": ["C-c"]})
+        if "keys" in how:
+            tmux_keys(row["pane_id"], *how["keys"])
+        else:
+            tmux_paste(row["pane_id"], how["text"])
+            tmux_keys(row["pane_id"], "Enter")
+
+    def working_directory(self, terminal_id):
+        row = self.terminal_row(terminal_id)
+        return tmux_pane_info(row["pane_id"], "#{pane_current_path}") or row["working_directory"]
+
+    # -- deletion ----------------------------------------------------------
+    def _snapshot(self, row):
+        logs = self.home / "logs" / "terminal"
+        try:
+            scrollback = tmux_capture(row["pane_id"], history="all")
+        except TmuxError:
+            scrollback = None
+        if scrollback is not None:
+            (logs / f"{row['id']}.scrollback").write_text(scrollback, encoding="utf-8")
+        snapshot = {"terminal_id": row["id"], "session_name": row["session_name"],
+                    "window_name": row["window_name"], "agent_profile": row["agent_profile"],
+                    "provider": row["provider"], "working_directory": row["working_directory"],
+                    "allowed_tools": json.loads(row["allowed_tools"]) if row["allowed_tools"] else None,
+                    "caller_id": row["caller_id"], "deleted_at": _iso(time.time()),
+                    "scrollback": scrollback is not None}
+        (logs / f"{row['id']}.snapshot.json").write_text(json.dumps(snapshot, indent=2))
+
+    def delete_terminal(self, terminal_id):
+        row = self.terminal_row(terminal_id)
+        self._snapshot(row)
+        self.watcher.remove(terminal_id)
+        tmux("kill-pane", "-t", row["pane_id"], check=False)
+        self._forget(terminal_id, "deleted")
+
+    def _forget(self, terminal_id, reason):
+        row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
+        self.watcher.remove(terminal_id)
+        self.status.pop(terminal_id, None)
+        self.input_gen.pop(terminal_id, None)
+        self.input_locks.pop(terminal_id, None)
+        if not row:
+            return
+        self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
+        self.store.emit("terminal_deleted", row["session_name"], terminal_id, reason=reason)
+        if not self.store.one("SELECT 1 AS x FROM terminals WHERE session_name = ?",
+                              (row["session_name"],)):
+            self._drop_session(row["session_name"])
+
+    def _drop_session(self, name):
+        tmux("kill-session", "-t", f"={name}", check=False)
+        if self.store.execute("DELETE FROM sessions WHERE name = ?", (name,)):
+            self.store.emit("session_deleted", name)
+
+    def delete_session(self, name):
+        name = self.get_session(name)["session"]["name"]
+        for term in self.session_terminals(name):
+            self.delete_terminal(term["id"])
+        self._drop_session(name)
+        return {"success": True, "deleted": [name], "errors": []}
+
+
+def _iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
+
+
+###############################################################################
+# HTTP API ####################################################################
+###############################################################################
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+MAX_BODY = 1 << 20
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
+                ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png",
+                ".ico": "image/x-icon", ".json": "application/json"}
+
+
+class Request:
+    def __init__(self, handler, params, query, body):
+        self.handler, self.params, self.query, self.body = handler, params, query, body
+
+    def arg(self, name, default=None, required=False):
+        """A parameter from the query string, else from a JSON body."""
+        if name in self.query:
+            return self.query[name][-1]
+        if isinstance(self.body, dict) and name in self.body:
+            return self.body[name]
+        if required:
+            raise CaoError(f"missing required parameter {name!r}")
+        return default
+
+    def flag(self, name):
+        value = self.arg(name, "false")
+        return value is True or str(value).lower() in ("1", "true", "yes")
+
+    def number(self, name, default, low, high):
+        value = self.arg(name, default)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise CaoError(f"{name} must be a number between {low} and {high}")
+        if not low <= value <= high:
+            raise CaoError(f"{name}={value:g} is out of range; use {low} to {high}")
+        return value
+
+
+ROUTES = []
+
+
+def route(method, pattern, status=200):
+    def register(func):
+        ROUTES.append((method, re.compile(pattern + r"\Z"), func, status))
+        return func
+    return register
+
+
+@route("GET", r"/health")
+def _health(rt, req):
+    return {"status": "ok", "service": "cli-agent-orchestrator", "version": __version__,
+            "terminal_backend": "tmux", "pid": os.getpid()}
+
+
+@route("GET", r"/sessions")
+def _list_sessions(rt, req):
+    return rt.list_sessions()
+
+
+def _initial_message(req):
+    message = req.body.get("initial_message") if isinstance(req.body, dict) else None
+    if message is not None and not isinstance(message, str):
+        raise CaoError("initial_message must be a string")
+    return message
+
+
+@route("POST", r"/sessions", 201)
+def _create_session(rt, req):
+    return rt.create_session(req.arg("agent_profile", required=True), req.arg("provider"),
+                             req.arg("session_name"), req.arg("working_directory"),
+                             req.arg("allowed_tools"), _initial_message(req))
+
+
+@route("GET", r"/sessions/(?P<name>[^/]+)")
+def _get_session(rt, req):
+    return rt.get_session(req.params["name"])
+
+
+@route("DELETE", r"/sessions/(?P<name>[^/]+)")
+def _delete_session(rt, req):
+    return rt.delete_session(req.params["name"])
+
+
+@route("POST", r"/sessions/(?P<name>[^/]+)/terminals", 201)
+def _create_terminal(rt, req):
+    caller = req.arg("caller_id")
+    return rt.create_terminal(req.params["name"], req.arg("agent_profile", required=True),
+                              req.arg("provider"), req.arg("working_directory"),
+                              req.arg("allowed_tools"),
+                              check_terminal_id(caller) if caller else None,
+                              initial_message=_initial_message(req))
+
+
+@route("GET", r"/sessions/(?P<name>[^/]+)/terminals")
+def _session_terminals(rt, req):
+    return rt.get_session(req.params["name"])["terminals"]
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)")
+def _get_terminal(rt, req):
+    return rt.get_terminal(req.params["id"])
+
+
+@route("DELETE", r"/terminals/(?P<id>[^/]+)")
+def _delete_terminal(rt, req):
+    rt.delete_terminal(req.params["id"])
+    return {"success": True}
+
+
+@route("POST", r"/terminals/(?P<id>[^/]+)/input")
+def _terminal_input(rt, req):
+    rt.send_input(req.params["id"], req.arg("message", required=True))
+    return {"success": True}
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)/output")
+def _terminal_output(rt, req):
+    mode = req.arg("mode", "full")
+    return {"output": rt.get_output(req.params["id"], mode), "mode": mode}
+
+
+@route("POST", r"/terminals/(?P<id>[^/]+)/exit")
+def _terminal_exit(rt, req):
+    rt.exit_terminal(req.params["id"])
+    return {"success": True}
+
+
+@route("POST", r"/terminals/(?P<id>[^/]+)/key")
+def _terminal_key(rt, req):
+    rt.send_key(req.params["id"], req.arg("key", required=True))
+    return {"success": True}
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
+def _terminal_workdir(rt, req):
+    return {"working_directory": rt.working_directory(req.params["id"])}
+
+
+@route("GET", r"/agents/profiles")
+def _profiles(rt, req):
+    return list_profiles()
+
+
+@route("GET", r"/agents/providers")
+def _providers(rt, req):
+    return [{"name": name, "binary": spec.get("binary") or "(built in)",
+             "installed": provider_installed(spec), "description": spec.get("description", "")}
+            for name, spec in sorted(providers().items())]
+
+
+@route("GET", r"/events")
+def _events(rt, req):
+    after = req.arg("after")
+    after = rt.store.last_event_seq() if after is None else int(req.number("after", 0, 0, 2**62))
+    wait = req.number("wait", 0, 0, 60)
+    events = rt.store.events_after(after, wait)
+    return {"events": events, "next": events[-1]["seq"] if events else after}
+
+
+def _host_allowed(host_header):
+    if not host_header:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    extra = {h.strip().lower() for h in os.environ.get("CAO_ALLOWED_HOSTS", "").split(",") if h.strip()}
+    return host in LOOPBACK_HOSTS or host in extra
+
+
+def _origin_allowed(origin, host_header):
+    if not origin:
+        return True
+    extra = {o.strip() for o in os.environ.get("CAO_CORS_ORIGINS", "").split(",") if o.strip()}
+    return urllib.parse.urlsplit(origin).netloc == host_header or origin in extra or "*" in extra
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "cao/" + __version__
+    runtime = None  # set by make_server
+
+    def log_message(self, fmt, *args):
+        pass  # the access log would repeat every poll; errors are logged in _dispatch
+
+    def _send(self, status, payload, content_type="application/json"):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _read_body(self):
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit() or int(length) > MAX_BODY:
+            raise CaoError(f"request body must be at most {MAX_BODY} bytes with a valid Content-Length")
+        raw = self.rfile.read(int(length)) if int(length) else b""
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CaoError("request body is not valid JSON")
+
+    def _dispatch(self):
+        url = urllib.parse.urlsplit(self.path)
+        if not _host_allowed(self.headers.get("Host")):
+            self.close_connection = True
+            return self._send(400, {"detail": "Invalid host header; cao-server answers only "
+                                              "localhost/127.0.0.1 (set CAO_ALLOWED_HOSTS to add one)"})
+        if self.command in ("POST", "PUT", "PATCH", "DELETE") and not _origin_allowed(
+                self.headers.get("Origin"), self.headers.get("Host")):
+            return self._send(403, {"detail": "Cross-origin request blocked"})
+        try:
+            path = urllib.parse.unquote(url.path)
+            allowed = []
+            for method, pattern, func, status in ROUTES:
+                match = pattern.match(path)
+                if not match:
+                    continue
+                if method != self.command and not (method == "GET" and self.command == "HEAD"):
+                    allowed.append(method)
+                    continue
+                query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+                body = self._read_body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else {}
+                return self._send(status, func(self.runtime, Request(self, match.groupdict(), query, body)))
+            if allowed:
+                return self._send(405, {"detail": f"method {self.command} not allowed here; "
+                                                  f"use {', '.join(sorted(set(allowed)))}"})
+            if self.command in ("GET", "HEAD"):
+                static = _static_file(path)
+                if static:
+                    return self._send(200, static[0], static[1])
+            return self._send(404, {"detail": f"no such endpoint: {self.command} {url.path}"})
+        except CaoError as e:
+            return self._send(e.status, {"detail": str(e)})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:  # a bug, not bad input: say so and keep serving
+            traceback.print_exc()
+            return self._send(500, {"detail": f"internal error: {type(e).__name__}: {e}"})
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = _dispatch
+
+
+def _static_file(path):
+    rel = "index.html" if path in ("/", "") else path.lstrip("/")
+    if rel.startswith("static/"):
+        rel = rel[len("static/"):]
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)+", rel):
+        return None
+    data = read_resource("web_static/" + rel)
+    if data is None:
+        return None
+    return data, STATIC_TYPES.get(os.path.splitext(rel)[1], "application/octet-stream")
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def make_server(host, port):
+    """A started Runtime behind an HTTP server bound to a loopback address."""
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"cao-server listens on loopback only; use --host 127.0.0.1 or ::1, not {host}")
+    home = ensure_home()
+    store = Store(home / "db" / "cao.db")
+    server_class = ApiServer
+    if ":" in host:
+        server_class = type("ApiServer6", (ApiServer,), {"address_family": socket.AF_INET6})
+    try:
+        server = server_class((host, port), ApiHandler)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; "
+                          "is another cao-server running? pick another --port")
+    runtime = Runtime(store, host, server.server_address[1])
+    runtime.start()
+    server.RequestHandlerClass = type("Handler", (ApiHandler,), {"runtime": runtime})
+    server.runtime = runtime
+    return server
+
+
+def serve(host, port):
+    server = make_server(host, port)
+    pid_file = cao_home() / "server.json"
+    pid_file.write_text(json.dumps({"pid": os.getpid(), "host": host, "port": server.server_address[1],
+                                    "autostarted": os.environ.get("CAO_AUTOSTARTED") == "1"}))
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"cao-server {__version__} listening on http://{host}:{server.server_address[1]} "
+          f"(home {cao_home()})", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.runtime.stop()
+        try:
+            if json.loads(pid_file.read_text()).get("pid") == os.getpid():
+                pid_file.unlink()
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+DONE_STATUSES = ("completed", "idle", "waiting_user_answer", "error")
+
+
+def api(method, path, params=None, body=None, timeout=60):
+    """Call the cao server; returns decoded JSON or raises CaoError with its detail."""
+    host, port = api_address()
+    query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload else {}
+        conn.request(method, urllib.parse.quote(path) + ("?" + query if query else ""),
+                     body=payload, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+    except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
+        if isinstance(e, socket.timeout):
+            raise ServerUnavailable(f"cao-server at {host}:{port} did not answer {method} {path} "
+                                    f"within {timeout:g} s")
+        raise ServerUnavailable(f"cao-server is not running at http://{host}:{port}; "
+                                "start it with `cao-server` (`cao launch` starts one for you)")
+    finally:
+        conn.close()
+    try:
+        result = json.loads(data) if data else None
+    except ValueError:
+        result = {"detail": data.decode(errors="replace")[:200]}
+    if resp.status >= 400:
+        error = {404: NotFound, 409: Conflict}.get(resp.status, CaoError)
+        raise error(result.get("detail") if isinstance(result, dict) else str(result))
+    return result
+
+
+class Progress:
+    """A one-line spinner on stderr while waiting, shown only on a terminal."""
+
+    def __init__(self, label):
+        self.label, self.started, self.tty = label, time.monotonic(), sys.stderr.isatty()
+        self.frame = 0
+
+    def update(self, status):
+        if self.tty:
+            self.frame += 1
+            spinner = "|/-\\"[self.frame % 4]
+            sys.stderr.write(f"\r{spinner} {self.label}: {status} "
+                             f"({time.monotonic() - self.started:.0f}s)\x1b[K")
+            sys.stderr.flush()
+
+    def done(self):
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def wait_for_status(terminal_id, wanted, timeout, label):
+    """Follow /events until the terminal reaches one of `wanted`; returns the status."""
+    progress = Progress(label)
+    deadline = time.monotonic() + timeout
+    cursor = api("GET", "/events")["next"]
+    try:
+        while True:
+            status = api("GET", f"/terminals/{terminal_id}")["status"]
+            progress.update(status)
+            if status in wanted:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CaoError(f"timed out after {timeout:g} s waiting for terminal {terminal_id} "
+                               f"(status {status}); check it with `cao session status`")
+            wait = min(remaining, 2.0 if progress.tty else 20.0)
+            cursor = api("GET", "/events", {"after": cursor, "wait": f"{wait:.2f}"},
+                         timeout=wait + 30)["next"]
+    finally:
+        progress.done()
+
+
+def _server_log():
+    return ensure_home() / "logs" / "server.log"
+
+
+def ensure_server():
+    """Return True if a server answers; otherwise start one in the background."""
+    try:
+        api("GET", "/health", timeout=5)
+        return False
+    except ServerUnavailable:
+        pass
+    host, port = api_address()
+    log = open(_server_log(), "ab")
+    proc = subprocess.Popen(self_command() + ["server", "--host", host, "--port", str(port)],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "CAO_AUTOSTARTED": "1"})
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = _server_log().read_text(errors="replace").strip().splitlines()[-1:]
+            raise ServerUnavailable(f"cao-server failed to start: {' '.join(tail) or 'no output'}")
+        try:
+            api("GET", "/health", timeout=2)
+            print(f"cao-server was not running; started it in the background "
+                  f"(pid {proc.pid}, http://{host}:{port}, log {_server_log()})", file=sys.stderr)
+            return True
+        except ServerUnavailable:
+            time.sleep(0.05)
+    raise ServerUnavailable(f"cao-server did not become healthy in 15 s; see {_server_log()}")
+
+
+def _print_answer(terminal_id):
+    try:
+        print(api("GET", f"/terminals/{terminal_id}/output", {"mode": "last"})["output"])
+    except NotFound as e:
+        print(f"(no answer on screen: {e})", file=sys.stderr)
+
+
+def _send_and_wait(terminal_id, message, wait, timeout):
+    api("POST", f"/terminals/{terminal_id}/input", {"message": message})
+    if not wait:
+        print(f"Sent to terminal {terminal_id}.")
+        return 0
+    status = wait_for_status(terminal_id, DONE_STATUSES, timeout, f"terminal {terminal_id}")
+    _print_answer(terminal_id)
+    return 1 if status == "error" else 0
+
+
+def cmd_server(args):
+    return serve(args.host, args.port)
+
+
+def cmd_launch(args):
+    if args.async_ and not args.message:
+        raise CaoError("--async needs a MESSAGE to send; add one or drop --async")
+    _check_profile_name(args.agents)
+    ensure_server()
+    tools = "*" if args.yolo else args.allowed_tools
+    term = api("POST", "/sessions", {
+        "agent_profile": args.agents, "provider": args.provider,
+        "session_name": args.session_name, "allowed_tools": tools,
+        "working_directory": resolve_working_directory(args.working_directory)}, timeout=300)
+    session = term["session_name"]
+    print(f"Session created: {session}\nTerminal created: {term['id']} "
+          f"({term['agent_profile']}, {term['provider']}, status {term['status']})")
+    if args.message:
+        wait_for_status(term["id"], READY_STATUSES, 120, f"starting {term['agent_profile']}")
+        if args.headless:
+            return _send_and_wait(term["id"], args.message, not args.async_, args.timeout)
+        api("POST", f"/terminals/{term['id']}/input", {"message": args.message})
+    if args.headless:
+        return 0
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print(f"Not on a terminal, so not attaching; watch it with: {shlex.join(tmux_argv('attach', '-t', session))}")
+        return 0
+    os.execvp("tmux", tmux_argv("attach-session", "-t", f"={session}"))
+
+
+def cmd_install(args):
+    if args.provider:
+        get_provider(args.provider)
+    info = install_profile(args.source)
+    print(f"Agent '{info['name']}' installed: {info['path']}")
+    if info["unresolved_vars"]:
+        print(f"Note: unresolved variables {', '.join(info['unresolved_vars'])}; "
+              f"set them in the environment or {cao_home() / '.env'}", file=sys.stderr)
+    return 0
+
+
+def _stop_autostarted_server():
+    try:
+        info = json.loads((cao_home() / "server.json").read_text())
+    except (OSError, ValueError):
+        return
+    pid = info.get("pid")
+    if not info.get("autostarted") or not isinstance(pid, int):
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"server" not in f.read():
+                return  # the pid was reused by something else
+    except OSError:
+        pass
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    print(f"Stopped the background cao-server (pid {pid}).")
+
+
+def cmd_shutdown(args):
+    names = [args.session] if args.session else [s["name"] for s in api("GET", "/sessions")]
+    for name in names:
+        try:
+            api("DELETE", f"/sessions/{session_name_for(name)}", timeout=120)
+            print(f"Shut down {session_name_for(name)}")
+        except NotFound:
+            print(f"{session_name_for(name)} was already gone")
+    if args.all:
+        if not names:
+            print("No cao sessions were running.")
+        _stop_autostarted_server()
+    return 0
+
+
+def _conductor(session, terminal_id=None):
+    info = api("GET", f"/sessions/{session_name_for(session)}")
+    terms = info["terminals"]
+    if terminal_id:
+        match = [t for t in terms if t["id"] == terminal_id]
+        if not match:
+            raise NotFound(f"terminal {terminal_id} is not in session {info['session']['name']}")
+        return info, match[0]
+    if not terms:
+        raise NotFound(f"session {info['session']['name']} has no terminals")
+    return info, terms[0]
+
+
+def cmd_session_list(args):
+    rows = []
+    for s in api("GET", "/sessions"):
+        terms = api("GET", f"/sessions/{s['name']}")["terminals"]
+        head = terms[0] if terms else {}
+        rows.append({"session": s["name"], "conductor": head.get("id", "-"),
+                     "status": head.get("status", "-"), "terminals": len(terms),
+                     "agent_profile": head.get("agent_profile")})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("No cao sessions. Start one with `cao launch --agents <profile>`.")
+    else:
+        print(f"{'SESSION':<28} {'CONDUCTOR':<10} {'STATUS':<20} TERMINALS")
+        for r in rows:
+            print(f"{r['session']:<28} {r['conductor']:<10} {r['status']:<20} {r['terminals']}")
+    return 0
+
+
+def cmd_session_status(args):
+    info, head = _conductor(args.session, args.terminal)
+    try:
+        last = api("GET", f"/terminals/{head['id']}/output", {"mode": "last"})["output"]
+    except NotFound:
+        last = None
+    workers = [t for t in info["terminals"] if t["id"] != head["id"]]
+    if args.json:
+        print(json.dumps({"session": info["session"], "conductor": head, "last_output": last,
+                          "workers": workers if args.workers else None}, indent=2))
+        return 0
+    print(f"Session:   {info['session']['name']} ({info['session']['status']})")
+    print(f"Conductor: {head['id']}  agent={head['agent_profile']}  provider={head['provider']}"
+          f"  status={head['status']}")
+    print("Last output:")
+    print("\n".join("  " + line for line in (last or "(none yet)").split("\n")[:20]))
+    if args.workers:
+        print(f"Workers ({len(workers)}):")
+        for w in workers:
+            print(f"  {w['id']}  {w['agent_profile']:<20} {w['provider']:<12} {w['status']}")
+    return 0
+
+
+def cmd_session_send(args):
+    _, head = _conductor(args.session, args.terminal)
+    if head["status"] not in ("idle", "completed"):
+        raise Conflict(f"terminal {head['id']} is {head['status']}, not idle; wait for it "
+                       f"(`cao session status {args.session}`) and send again")
+    try:
+        return _send_and_wait(head["id"], args.message, not args.async_, args.timeout)
+    except KeyboardInterrupt:
+        _print_answer(head["id"])
+        return 130
+
+
+def cmd_terminal_restore(args):
+    terminal_id = check_terminal_id(args.terminal_id)
+    logs = cao_home() / "logs" / "terminal"
+    try:
+        snap = json.loads((logs / f"{terminal_id}.snapshot.json").read_text())
+    except (OSError, ValueError):
+        raise NotFound(f"no snapshot for terminal {terminal_id} in {logs}; only deleted "
+                       "terminals have one")
+    session = snap["session_name"]
+    if session not in tmux_sessions():
+        raise NotFound(f"session {session} no longer exists; the scrollback is at "
+                       f"{logs / (terminal_id + '.scrollback')}")
+    window = f"restored-{snap['window_name']}"[:64]
+    cwd = snap.get("working_directory") or str(Path.home())
+    scrollback = str(logs / f"{terminal_id}.scrollback")
+    shell_argv = ["sh", "-c", 'cat -- "$1"; exec "${SHELL:-sh}"', "cao-restore", scrollback]
+    tmux("new-window", "-d", "-t", f"={session}:", "-n", window,
+         "-c", cwd if os.path.isdir(cwd) else str(Path.home()), "--", *shell_argv)
+    print(f"Restored terminal {terminal_id} into window {window} of {session}; "
+          f"attach with: {shlex.join(tmux_argv('attach', '-t', session))}")
+    return 0
+
+
+def cmd_info(args):
+    host, port = api_address()
+    print(f"cao {__version__}\nHome:     {cao_home()}\nDatabase: {cao_home() / 'db' / 'cao.db'}")
+    try:
+        health = api("GET", "/health", timeout=5)
+        print(f"Server:   http://{host}:{port} (running, pid {health.get('pid')})")
+    except ServerUnavailable:
+        print(f"Server:   http://{host}:{port} (not running)")
+        return 0
+    terminal_id = os.environ.get("CAO_TERMINAL_ID")
+    session = None
+    if terminal_id:
+        try:
+            session = api("GET", f"/terminals/{check_terminal_id(terminal_id)}")["session_name"]
+        except CaoError:
+            pass
+    elif os.environ.get("TMUX"):
+        session = subprocess.run(["tmux", "display-message", "-p", "#S"], capture_output=True,
+                                 text=True).stdout.strip()
+    if session and session.startswith(SESSION_PREFIX):
+        try:
+            terms = api("GET", f"/sessions/{session}")["terminals"]
+            print(f"Session:  {session}\nActive terminals: {len(terms)}")
+        except NotFound:
+            print(f"Session:  {session} (not known to the server)")
+    else:
+        print("Not currently in a CAO session.")
+    return 0
+
+
+def cmd_demo_agent(args):
+    return run_demo_agent(args.profile)
+
+
+def _positive(value):
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="cao", description="CLI Agent Orchestrator: run AI coding "
+                                "agents in tmux and let them hand work to each other.")
+    p.add_argument("-V", "--version", action="version", version=f"cao {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("server", help="run the cao server (same as cao-server)")
+    s.add_argument("--host", default=None, help="loopback address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default 9889)")
+    s.set_defaults(func=cmd_server)
+
+    s = sub.add_parser("launch", help="start a session with an agent")
+    s.add_argument("message", nargs="?", help="first message to send to the agent")
+    s.add_argument("--agents", required=True, metavar="PROFILE", help="agent profile name")
+    s.add_argument("--provider", help="provider (default: the profile's, else settings)")
+    s.add_argument("--session-name", help="session name (cao- is prepended)")
+    s.add_argument("--working-directory", help="agent working directory (default: here)")
+    s.add_argument("--headless", action="store_true", help="do not attach to tmux")
+    s.add_argument("--async", dest="async_", action="store_true",
+                   help="with MESSAGE: send it and return without waiting")
+    s.add_argument("--yolo", action="store_true", help="unrestricted tools, no confirmations")
+    s.add_argument("--auto-approve", action="store_true", help="accepted for compatibility")
+    s.add_argument("--allowed-tools", help="comma-separated tool allowlist")
+    s.add_argument("--timeout", type=_positive, default=300, help="seconds to wait (default 300)")
+    s.set_defaults(func=cmd_launch)
+
+    s = sub.add_parser("install", help="install an agent profile (name, .md path or https URL)")
+    s.add_argument("source")
+    s.add_argument("--provider", help="check that this provider exists")
+    s.set_defaults(func=cmd_install)
+
+    s = sub.add_parser("shutdown", help="shut down sessions")
+    group = s.add_mutually_exclusive_group(required=True)
+    group.add_argument("--all", action="store_true", help="every cao session (and a server "
+                       "that `cao launch` started)")
+    group.add_argument("--session", help="one session by name")
+    s.set_defaults(func=cmd_shutdown)
+
+    s = sub.add_parser("session", help="list, inspect and message sessions")
+    ssub = s.add_subparsers(dest="session_command", metavar="SUBCOMMAND")
+    ssub.required = True
+    x = ssub.add_parser("list", help="list sessions")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_session_list)
+    x = ssub.add_parser("status", help="conductor status and last output")
+    x.add_argument("session")
+    x.add_argument("--terminal", help="a terminal id instead of the conductor")
+    x.add_argument("--workers", action="store_true", help="also list worker terminals")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_session_status)
+    x = ssub.add_parser("send", help="send a message and wait for the answer")
+    x.add_argument("session")
+    x.add_argument("message")
+    x.add_argument("--terminal", help="a terminal id instead of the conductor")
+    x.add_argument("--async", dest="async_", action="store_true", help="do not wait")
+    x.add_argument("--timeout", type=_positive, default=300, help="seconds to wait (default 300)")
+    x.set_defaults(func=cmd_session_send)
+
+    s = sub.add_parser("terminal", help="terminal tools")
+    tsub = s.add_subparsers(dest="terminal_command", metavar="SUBCOMMAND")
+    tsub.required = True
+    x = tsub.add_parser("restore", help="open a deleted terminal's scrollback in a new window")
+    x.add_argument("terminal_id")
+    x.set_defaults(func=cmd_terminal_restore)
+
+    s = sub.add_parser("info", help="show paths, server and current session")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("demo-agent", help="run the demo agent (used by the demo provider)")
+    s.add_argument("--profile", default="demo")
+    s.set_defaults(func=cmd_demo_agent)
+    return p
+
+
+def main(argv=None, prog=None):
+    parser = build_parser()
+    if prog == "cao-server":
+        argv = ["server"] + list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command == "server":
+        host, port = api_address()
+        args.host, args.port = args.host or host, args.port or port
+    try:
+        return args.func(args) or 0
+    except CaoError as e:
+        print(f"cao: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def server_main():
+    sys.exit(main(prog="cao-server"))
+
+
+def cli_main():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli_main()
