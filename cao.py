@@ -8,8 +8,8 @@ imported at module level; `mcp` and `croniter` are imported where they are used.
 
 Map of this file (each section uses only the sections above it):
 
-  paths and config   CAO_HOME_DIR layout, settings.json, server address, resources
   errors             one exception tree, mapped to HTTP codes and exit codes once
+  paths and config   CAO_HOME_DIR layout, settings.json, server address, resources
   profiles           agent profiles: YAML-subset frontmatter, discovery, install
   state              sqlite (WAL) store: sessions, terminals, inbox, events
   tmux               subprocess wrapper, optionally on a private -L socket
@@ -48,6 +48,39 @@ import zipimport
 from pathlib import Path
 
 __version__ = "0.1.0"
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+class CaoError(Exception):
+    """Base of every error cao reports; `status` is its HTTP code."""
+    status = 400
+
+
+class ConfigError(CaoError):
+    pass
+
+
+class ProfileError(CaoError):
+    pass
+
+
+class NotFound(CaoError):
+    status = 404
+
+
+class Conflict(CaoError):
+    status = 409
+
+
+class TmuxError(CaoError):
+    status = 503
+
+
+class ServerUnavailable(CaoError):
+    status = 503
+
 
 ###############################################################################
 # Paths and config ############################################################
@@ -140,42 +173,49 @@ def list_resources(reldir):
     return []
 
 
+def _vendored_site_packages(archive):
+    """Extract a pyz's _vendor/ once to a cache keyed by its content; returns the dir."""
+    with zipfile.ZipFile(archive) as z:
+        members = [i for i in z.infolist() if i.filename.startswith("_vendor/")]
+        if not members:
+            return None
+        digest = hashlib.sha256("".join(f"{i.filename}:{i.CRC}" for i in members).encode())
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao"
+        target = cache / f"vendor-{digest.hexdigest()[:16]}"
+        if not (target / ".complete").exists():
+            staging = Path(str(target) + f".{os.getpid()}.tmp")
+            z.extractall(staging, members)
+            try:
+                os.replace(staging / "_vendor", target)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+            (target / ".complete").touch()
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def import_optional(module, purpose):
+    """Import a runtime dependency lazily, from site-packages or the pyz's vendored copy."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pass
+    archive = _zip_archive()
+    vendor = _vendored_site_packages(archive) if archive else None
+    if vendor and str(vendor) not in sys.path:
+        sys.path.insert(0, str(vendor))
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            pass
+    raise ConfigError(f"{purpose} needs the Python package {module!r}; install it with "
+                      f"`pip install {module}` or use a cao.pyz built with --with-mcp")
+
+
 def self_command():
     """argv that runs this very program (cao.py, cao.pyz or the installed module)."""
     return [sys.executable, _zip_archive() or os.path.abspath(__file__)]
-
-
-###############################################################################
-# Errors ######################################################################
-###############################################################################
-
-class CaoError(Exception):
-    """Base of every error cao reports; `status` is its HTTP code."""
-    status = 400
-
-
-class ConfigError(CaoError):
-    pass
-
-
-class ProfileError(CaoError):
-    pass
-
-
-class NotFound(CaoError):
-    status = 404
-
-
-class Conflict(CaoError):
-    status = 409
-
-
-class TmuxError(CaoError):
-    status = 503
-
-
-class ServerUnavailable(CaoError):
-    status = 503
 
 
 ###############################################################################
@@ -1408,15 +1448,16 @@ class Runtime:
         if not provider_installed(spec):
             raise CaoError(f"provider {provider} needs `{spec['binary']}` on PATH; "
                            f"install it: {spec.get('install', 'see docs/providers')}")
-        workdir = resolve_working_directory(working_directory)
+        session_name = session_name_for(session_name)
+        session = self.store.one("SELECT * FROM sessions WHERE name = ?", (session_name,))
+        if not new_session and not session:
+            raise NotFound(f"session {session_name} not found; create it with POST /sessions")
+        workdir = resolve_working_directory(working_directory or (
+            session["working_directory"] if session else None))
         tools = parse_allowed_tools(allowed_tools if allowed_tools is not None
                                     else profile.get("allowedTools"))
         if caller_id is not None:
             self.terminal_row(caller_id)
-        session_name = session_name_for(session_name)
-        if not new_session and not self.store.one(
-                "SELECT 1 AS x FROM sessions WHERE name = ?", (session_name,)):
-            raise NotFound(f"session {session_name} not found; create it with POST /sessions")
         terminal_id = uuid.uuid4().hex[:8]
         window = f"{profile['name']}-{terminal_id[:4]}"
         fields = {"profile": profile["name"], "terminal_id": terminal_id,
@@ -1602,7 +1643,7 @@ class Runtime:
     def _snapshot(self, row):
         logs = self.home / "logs" / "terminal"
         try:
-            scrollback = tmux_capture(row["pane_id"], history="all")
+            scrollback = tmux_capture(row["pane_id"], history="all").rstrip() + "\n"
         except TmuxError:
             scrollback = None
         if scrollback is not None:
@@ -2316,8 +2357,13 @@ def _positive(value):
     return number
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"cao: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="cao", description="CLI Agent Orchestrator: run AI coding "
+    p = _Parser(prog="cao", description="CLI Agent Orchestrator: run AI coding "
                                 "agents in tmux and let them hand work to each other.")
     p.add_argument("-V", "--version", action="version", version=f"cao {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,0 +1,140 @@
+"""End to end through the CLI: launch, status, send, shutdown, restore, errors."""
+import json
+
+from conftest import CAO, pid_alive, wait_for
+
+
+def test_launch_headless_demo_answers_and_shutdown_leaves_nothing(cao_env):
+    # No server runs yet: launch must start one in the background and say so.
+    launched = cao_env.run("launch", "--agents", "developer", "--provider", "demo",
+                           "--headless", "--session-name", "e2e", "hello from the test")
+    assert launched.returncode == 0, launched.stderr
+    assert "started it in the background" in launched.stderr
+    assert "Session created: cao-e2e" in launched.stdout
+    assert launched.stdout.rstrip().endswith("done: hello from the test")
+
+    status = cao_env.run("session", "status", "cao-e2e", "--workers")
+    assert status.returncode == 0, status.stderr
+    assert "status=completed" in status.stdout
+    assert "done: hello from the test" in status.stdout
+
+    code, info = cao_env.request("GET", "/sessions/cao-e2e")
+    assert code == 200
+    terminal = info["terminals"][0]
+    code, out = cao_env.request("GET", f"/terminals/{terminal['id']}/output?mode=last")
+    assert (code, out) == (200, {"output": "done: hello from the test", "mode": "last"})
+
+    server_pid = json.loads((cao_env.home / "server.json").read_text())["pid"]
+    agent_pids = cao_env.tmux_pids()
+    assert agent_pids and pid_alive(server_pid)
+
+    down = cao_env.run("shutdown", "--all")
+    assert down.returncode == 0, down.stderr
+    assert "Shut down cao-e2e" in down.stdout
+    assert "Stopped the background cao-server" in down.stdout
+    assert cao_env.tmux("has-session", "-t", "=cao-e2e").returncode != 0
+    wait_for(lambda: not pid_alive(server_pid), 5, what="server exit")
+    for pid in agent_pids:
+        wait_for(lambda: not pid_alive(pid), 5, what=f"process {pid} to exit")
+
+
+def test_session_send_and_list(server):
+    assert server.run("launch", "--agents", "reviewer", "--provider", "demo", "--headless",
+                      "--session-name", "s1").returncode == 0
+    listed = server.run("session", "list", "--json")
+    rows = json.loads(listed.stdout)
+    assert [(r["session"], r["status"], r["terminals"]) for r in rows] == [("cao-s1", "idle", 1)]
+
+    sent = server.run("session", "send", "cao-s1", "first task\nwith a second line")
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.strip() == "done: first task"
+    again = server.run("session", "send", "s1", "second task")
+    assert again.stdout.strip() == "done: second task"
+
+    fired = server.run("session", "send", "cao-s1", "third", "--async")
+    assert fired.returncode == 0 and "Sent to terminal" in fired.stdout
+    tid = rows[0]["conductor"]
+    wait_for(lambda: server.request("GET", f"/terminals/{tid}")[1]["status"] == "completed",
+             what="async send to complete")
+    assert server.request("GET", f"/terminals/{tid}/output?mode=last")[1]["output"] == "done: third"
+
+
+def test_session_send_refuses_a_busy_agent(cao_env):
+    server = cao_env
+    server.env["CAO_DEMO_DELAY"] = "30"  # the agents inherit the server's CAO_* environment
+    server.start_server()
+    server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+               "--session-name", "busy")
+    tid = server.request("GET", "/sessions/cao-busy")[1]["terminals"][0]["id"]
+    assert server.run("session", "send", "cao-busy", "long job", "--async").returncode == 0
+    refused = server.run("session", "send", "cao-busy", "more")
+    assert refused.returncode == 1
+    assert f"terminal {tid} is processing" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_send_timeout_is_reported(cao_env):
+    server = cao_env
+    server.env["CAO_DEMO_DELAY"] = "30"  # the agents inherit the server's CAO_* environment
+    server.start_server()
+    server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+               "--session-name", "slow")
+    result = server.run("session", "send", "cao-slow", "job", "--timeout", "0.5")
+    assert result.returncode == 1
+    assert "timed out after 0.5 s" in result.stderr
+
+
+def test_terminal_restore_reopens_scrollback(server):
+    server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+               "--session-name", "r", "remember me")
+    terms = server.request("GET", "/sessions/cao-r")[1]["terminals"]
+    code, worker = server.request("POST", "/sessions/cao-r/terminals?agent_profile=reviewer&provider=demo")
+    assert code == 201
+    assert server.request("DELETE", f"/terminals/{worker['id']}")[0] == 200
+    snap = json.loads((server.home / "logs" / "terminal" / f"{worker['id']}.snapshot.json").read_text())
+    assert snap["agent_profile"] == "reviewer" and snap["session_name"] == "cao-r"
+    restored = server.run("terminal", "restore", worker["id"])
+    assert restored.returncode == 0, restored.stderr
+    window = f"restored-{worker['name']}"
+    wait_for(lambda: "cao demo agent (profile: reviewer)" in server.tmux(
+        "capture-pane", "-p", "-S", "-", "-t", f"=cao-r:{window}").stdout, what="restored scrollback")
+    assert terms[0]["id"] != worker["id"]
+
+
+def test_bad_input_gives_one_line_errors(cao_env):
+    cases = [
+        (["launch", "--agents", "no such"], "invalid agent profile name"),
+        (["launch", "--agents", "developer", "--async"], "--async needs a MESSAGE"),
+        (["session", "send", "x", "msg", "--timeout", "-3"], "not a positive number"),
+        (["terminal", "restore", "XYZ"], "invalid terminal id"),
+        (["terminal", "restore", "abcdef12"], "no snapshot for terminal abcdef12"),
+        (["session", "list"], "cao-server is not running"),
+        (["install", "./missing.md"], "does not exist"),
+        (["install", "https://evil.example/x.md"], "must be https on"),
+    ]
+    for args, expected in cases:
+        result = cao_env.run(*args)
+        assert result.returncode != 0, args
+        assert expected in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_install_local_profile_and_launch_it(server, tmp_path):
+    profile = tmp_path / "helper.md"
+    profile.write_text("---\nname: helper\ndescription: a helper\nprovider: demo\n---\nBe helpful.\n")
+    installed = server.run("install", str(profile))
+    assert installed.returncode == 0, installed.stderr
+    assert (server.home / "agent-store" / "helper.md").exists()
+    assert (server.home / "agent-context" / "helper.md").exists()
+    names = {p["name"]: p for p in server.request("GET", "/agents/profiles")[1]}
+    assert names["helper"]["provider"] == "demo" and "developer" in names
+    launched = server.run("launch", "--agents", "helper", "--headless", "--session-name", "h", "hi")
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.rstrip().endswith("done: hi")
+
+
+def test_info_and_version(server):
+    info = server.run("info")
+    assert "running" in info.stdout and str(server.home) in info.stdout
+    assert server.run("--version").stdout.strip().startswith("cao ")
+    assert CAO  # the CLI under test is this checkout's cao.py
