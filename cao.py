@@ -1180,11 +1180,12 @@ def parse_allowed_tools(value):
 
 class _Pane:
     __slots__ = ("terminal_id", "pane_id", "fifo", "fd", "log", "dirty_since",
-                 "last_output", "outputs", "eof")
+                 "last_output", "outputs", "eof", "eof_checks")
 
     def __init__(self, terminal_id, pane_id, fifo, log):
         self.terminal_id, self.pane_id, self.fifo, self.log = terminal_id, pane_id, fifo, log
-        self.fd, self.dirty_since, self.last_output, self.outputs, self.eof = None, None, 0.0, 0, False
+        self.fd, self.dirty_since, self.last_output, self.outputs = None, None, 0.0, 0
+        self.eof, self.eof_checks = False, 0
 
 
 class StatusWatcher(threading.Thread):
@@ -1305,7 +1306,8 @@ class StatusWatcher(threading.Thread):
         for pane in self.panes.values():
             if pane.dirty_since is None:
                 continue
-            at = min(pane.last_output + self.QUIET, pane.dirty_since + self.MAX_DELAY)
+            at = min(max(pane.last_output + self.QUIET, pane.dirty_since),
+                     pane.dirty_since + self.MAX_DELAY)
             if at <= now:
                 due.append(pane)
             else:
@@ -1339,10 +1341,16 @@ class StatusWatcher(threading.Thread):
             self._remove(terminal_id)
 
     def rearm(self, terminal_id):
-        """Re-open a pane's stream after its pipe closed while the pane lives on."""
+        """Called (in this thread) when a pane whose pipe closed still looks alive."""
         pane = self.panes.get(terminal_id)
-        if pane and pane.eof:
-            self._queue(self._add, terminal_id, pane.pane_id)
+        if not (pane and pane.eof):
+            return
+        pane.eof_checks += 1
+        if pane.eof_checks <= 5:
+            # tmux closes the pipe a moment before it marks the pane dead: look again.
+            pane.dirty_since = time.monotonic() + 0.05 * pane.eof_checks
+        else:
+            self._add(terminal_id, pane.pane_id)  # the pipe was replaced; take it back
 
 
 class Runtime:
