@@ -1,0 +1,103 @@
+"""The provider table: demo status patterns and answer extraction, user-defined
+providers from settings.json, and input that survives a CLI's sticky Enter."""
+import json
+import sys
+
+import pytest
+
+import cao
+from conftest import ROOT, wait_for
+
+DEMO = cao.PROVIDERS["demo"]
+BANNER = "cao demo agent (profile: developer). Type a message; Ctrl-D exits."
+SCREENS = {
+    "unknown": "\n\n",
+    "idle": f"{BANNER}\n>\n\n\n",
+    "idle_typing": f"{BANNER}\n> half typed\n",
+    "processing": f"{BANNER}\n> do it\n/ working...\n\n",
+    "completed": f"{BANNER}\n> do it\ndone: do it\n>\n\n",
+    "completed_twice": f"{BANNER}\n> a\ndone: a\n> b\ndone: b\n>",
+}
+
+
+@pytest.mark.parametrize("name,screen", SCREENS.items())
+def test_demo_status_patterns(name, screen):
+    expected = name.split("_")[0]
+    assert cao.detect_status(DEMO, screen) == expected
+
+
+def test_demo_answer_is_the_text_after_the_last_input():
+    assert cao.extract_answer(DEMO, SCREENS["completed_twice"]) == "done: b"
+    assert cao.extract_answer(DEMO, SCREENS["idle"]) is None
+    multi = f"{BANNER}\n> q\nline one\n\nline three\n>\n"
+    assert cao.extract_answer(DEMO, multi) == "line one\n\nline three"
+
+
+def test_launch_argv_expands_templates():
+    spec = {"command": ["tool", "--profile", "{profile}"],
+            "args": {"system_prompt": ["--prompt", "{system_prompt}"], "model": ["-m", "{model}"],
+                     "yolo": ["--yes"]}}
+    fields = {"profile": "dev", "system_prompt": "be brief", "model": ""}
+    assert cao.launch_argv(spec, fields, yolo=False) == ["tool", "--profile", "dev", "--prompt", "be brief"]
+    assert cao.launch_argv(spec, fields, yolo=True)[-1] == "--yes"
+    assert cao.launch_argv(DEMO, {"profile": "x"}, False)[:2] == cao.self_command()
+
+
+def _settings(env, providers, **extra):
+    env.home.mkdir(parents=True, exist_ok=True)
+    (env.home / "settings.json").write_text(json.dumps({"providers": providers, **extra}))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"command": "not a list"}, '"command" must be a non-empty list'),
+    ({"command": ["x"], "status": [["busy", "x"]]}, "status 'busy' is not one of"),
+    ({"command": ["x"], "status": [["idle", "("]]}, "status pattern '('"),
+    ({"command": ["x"], "colour": "red"}, "unknown field(s) colour"),
+])
+def test_bad_user_provider_is_a_clear_error(cao_env, spec, message):
+    _settings(cao_env, {"mine": spec})
+    result = cao_env.run("install", "developer", "--provider", "mine")
+    assert result.returncode == 1
+    assert message in result.stderr and "settings.json: provider 'mine'" in result.stderr
+
+
+def test_missing_binary_names_the_install_command(cao_env):
+    _settings(cao_env, {"ghost": {"command": ["ghost-cli"], "binary": "ghost-cli-not-here",
+                                  "install": "npm i -g ghost-cli"}})
+    cao_env.start_server()
+    code, body = cao_env.request("POST", "/sessions?agent_profile=developer&provider=ghost")
+    assert code == 400
+    assert "needs `ghost-cli-not-here` on PATH; install it: npm i -g ghost-cli" in body["detail"]
+    providers = {p["name"]: p for p in cao_env.request("GET", "/agents/providers")[1]}
+    assert providers["ghost"]["installed"] is False
+
+
+def test_user_provider_with_sticky_enter_gets_its_input_submitted(cao_env):
+    _settings(cao_env, {"sticky": {
+        "command": [sys.executable, str(ROOT / "tests/fixtures/sticky_agent.py")],
+        "status": [["completed", r"^ok: .*\n>( .*)?\Z"], ["idle", r"^>( .*)?\Z"]],
+        "answer": {"start": r"^> \S", "end": r"^>( .*)?$"},
+        "exit": {"keys": ["C-d"]}}}, default_provider="sticky")
+    cao_env.start_server()
+    code, term = cao_env.request("POST", "/sessions?agent_profile=developer&session_name=sticky")
+    assert code == 201 and term["provider"] == "sticky" and term["status"] == "idle"
+    assert cao_env.request("POST", f"/terminals/{term['id']}/input",
+                           {"message": "two\nlines"})[0] == 200
+    wait_for(lambda: cao_env.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
+             what="sticky agent to take the input")
+    screen = cao_env.request("GET", f"/terminals/{term['id']}/output")[1]["output"]
+    answers = [line for line in screen.splitlines() if line.startswith("ok: ")]
+    assert len(answers) == 1 and answers[0].startswith("ok: two")
+    assert "enters=1)" not in answers[0]  # the first Enter was swallowed and re-sent
+
+
+def test_multiline_message_is_one_input_for_the_demo(server):
+    code, term = server.request("POST", "/sessions?agent_profile=developer&provider=demo"
+                                        "&session_name=paste")
+    message = "line one\nline two\nline three"
+    assert server.request("POST", f"/terminals/{term['id']}/input", {"message": message})[0] == 200
+    wait_for(lambda: server.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
+             what="answer")
+    screen = server.request("GET", f"/terminals/{term['id']}/output")[1]["output"]
+    assert [l for l in screen.splitlines() if l.startswith("done:")] == ["done: line one"]
+    assert "line one\u21b5line two\u21b5line three" in screen
