@@ -1708,8 +1708,8 @@ def _iso(ts):
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 MAX_BODY = 1 << 20
-STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
-                ".css": "text/css", ".svg": "image/svg+xml", ".png": "image/png",
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
                 ".ico": "image/x-icon", ".json": "application/json"}
 
 
@@ -1962,7 +1962,7 @@ def _static_file(path):
     data = read_resource("web_static/" + rel)
     if data is None:
         return None
-    return data, STATIC_TYPES.get(os.path.splitext(rel)[1], "application/octet-stream")
+    return data, STATIC_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
 
 
 class ApiServer(http.server.ThreadingHTTPServer):
@@ -2001,7 +2001,10 @@ def serve(host, port):
     pid_file = cao_home() / "server.json"
     pid_file.write_text(json.dumps({"pid": os.getpid(), "host": host, "port": server.server_address[1],
                                     "autostarted": os.environ.get("CAO_AUTOSTARTED") == "1"}))
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    def stop(signum, _frame):
+        print(f"cao-server stopping on {signal.Signals(signum).name}", flush=True)
+        threading.Thread(target=server.shutdown).start()
+    signal.signal(signal.SIGTERM, stop)
     print(f"cao-server {__version__} listening on http://{host}:{server.server_address[1]} "
           f"(home {cao_home()})", flush=True)
     try:
