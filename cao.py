@@ -1746,6 +1746,7 @@ ROUTES = []
 
 
 def route(method, pattern, status=200):
+    """Register a handler(runtime, request); a handler returning None answers {"success": true}."""
     def register(func):
         ROUTES.append((method, re.compile(pattern + r"\Z"), func, status))
         return func
@@ -1810,13 +1811,11 @@ def _get_terminal(rt, req):
 @route("DELETE", r"/terminals/(?P<id>[^/]+)")
 def _delete_terminal(rt, req):
     rt.delete_terminal(req.params["id"])
-    return {"success": True}
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/input")
 def _terminal_input(rt, req):
     rt.send_input(req.params["id"], req.arg("message", required=True))
-    return {"success": True}
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/output")
@@ -1828,13 +1827,11 @@ def _terminal_output(rt, req):
 @route("POST", r"/terminals/(?P<id>[^/]+)/exit")
 def _terminal_exit(rt, req):
     rt.exit_terminal(req.params["id"])
-    return {"success": True}
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/key")
 def _terminal_key(rt, req):
     rt.send_key(req.params["id"], req.arg("key", required=True))
-    return {"success": True}
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
@@ -1933,7 +1930,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     continue
                 query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
                 body = self._read_body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else {}
-                return self._send(status, func(self.runtime, Request(self, match.groupdict(), query, body)))
+                result = func(self.runtime, Request(self, match.groupdict(), query, body))
+                return self._send(status, {"success": True} if result is None else result)
             if allowed:
                 return self._send(405, {"detail": f"method {self.command} not allowed here; "
                                                   f"use {', '.join(sorted(set(allowed)))}"})

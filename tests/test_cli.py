@@ -59,12 +59,16 @@ def test_session_send_and_list(server):
     assert server.request("GET", f"/terminals/{tid}/output?mode=last")[1]["output"] == "done: third"
 
 
+def _slow_agent_session(cao_env, name):
+    cao_env.env["CAO_DEMO_DELAY"] = "30"  # the agents inherit the server's CAO_* environment
+    cao_env.start_server()
+    cao_env.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+                "--session-name", name)
+    return cao_env
+
+
 def test_session_send_refuses_a_busy_agent(cao_env):
-    server = cao_env
-    server.env["CAO_DEMO_DELAY"] = "30"  # the agents inherit the server's CAO_* environment
-    server.start_server()
-    server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
-               "--session-name", "busy")
+    server = _slow_agent_session(cao_env, "busy")
     tid = server.request("GET", "/sessions/cao-busy")[1]["terminals"][0]["id"]
     assert server.run("session", "send", "cao-busy", "long job", "--async").returncode == 0
     refused = server.run("session", "send", "cao-busy", "more")
@@ -74,11 +78,7 @@ def test_session_send_refuses_a_busy_agent(cao_env):
 
 
 def test_send_timeout_is_reported(cao_env):
-    server = cao_env
-    server.env["CAO_DEMO_DELAY"] = "30"  # the agents inherit the server's CAO_* environment
-    server.start_server()
-    server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
-               "--session-name", "slow")
+    server = _slow_agent_session(cao_env, "slow")
     result = server.run("session", "send", "cao-slow", "job", "--timeout", "0.5")
     assert result.returncode == 1
     assert "timed out after 0.5 s" in result.stderr
