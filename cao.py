@@ -1179,12 +1179,12 @@ def parse_allowed_tools(value):
 
 
 class _Pane:
-    __slots__ = ("terminal_id", "pane_id", "fifo", "fd", "log", "dirty_since",
+    __slots__ = ("terminal_id", "pane_id", "fifo", "fd", "pidfd", "log", "dirty_since",
                  "last_output", "outputs", "eof", "eof_checks")
 
     def __init__(self, terminal_id, pane_id, fifo, log):
         self.terminal_id, self.pane_id, self.fifo, self.log = terminal_id, pane_id, fifo, log
-        self.fd, self.dirty_since, self.last_output, self.outputs = None, None, 0.0, 0
+        self.fd, self.pidfd, self.dirty_since, self.last_output, self.outputs = None, None, None, 0.0, 0
         self.eof, self.eof_checks = False, 0
 
 
@@ -1260,7 +1260,18 @@ class StatusWatcher(threading.Thread):
             tmux_pipe(pane_id, fifo)
         except TmuxError:
             pass  # the pane is gone already; the refresh below notices
+        self._watch_process(pane)
         self._mark(terminal_id)
+
+    def _watch_process(self, pane):
+        # A dead pane keeps its pipe open and may print nothing, so watch the
+        # agent process itself: a pidfd becomes readable when it exits (Linux).
+        pid = tmux_pane_info(pane.pane_id, "#{pane_pid}")
+        try:
+            pane.pidfd = os.pidfd_open(int(pid))
+        except (AttributeError, OSError, TypeError, ValueError):
+            return
+        self.selector.register(pane.pidfd, selectors.EVENT_READ, pane)
 
     def _close_fd(self, pane):
         if pane.fd is not None:
@@ -1268,10 +1279,17 @@ class StatusWatcher(threading.Thread):
             os.close(pane.fd)
             pane.fd = None
 
+    def _close_pidfd(self, pane):
+        if pane.pidfd is not None:
+            self.selector.unregister(pane.pidfd)
+            os.close(pane.pidfd)
+            pane.pidfd = None
+
     def _remove(self, terminal_id):
         pane = self.panes.pop(terminal_id, None)
         if pane:
             self._close_fd(pane)
+            self._close_pidfd(pane)
             pane.log.close()
             try:
                 pane.fifo.unlink()
@@ -1335,6 +1353,9 @@ class StatusWatcher(threading.Thread):
                         os.read(self.wake_r, 4096)
                     except BlockingIOError:
                         pass
+                elif key.fd == key.data.pidfd:
+                    self._close_pidfd(key.data)
+                    self._mark(key.data.terminal_id)
                 else:
                     self._read(key.data)
         for terminal_id in list(self.panes):

@@ -159,3 +159,14 @@ def test_profiles_and_providers(server):
     providers = server.request("GET", "/agents/providers")[1]
     demo = [p for p in providers if p["name"] == "demo"][0]
     assert demo["installed"] is True
+
+
+def test_an_agent_that_dies_silently_shows_error(server):
+    term = _create(server, "silent")
+    pid = int(server.tmux("display-message", "-p", "-t", f"=cao-silent:{term['name']}",
+                          "#{pane_pid}").stdout.strip())
+    import os
+    import signal
+    os.kill(pid, signal.SIGKILL)  # no output at all on the way out
+    wait_for(lambda: server.request("GET", f"/terminals/{term['id']}")[1]["status"] == "error",
+             what="status error after the agent was killed")
