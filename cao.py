@@ -35,6 +35,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import string
 import subprocess
 import sys
 import threading
@@ -91,7 +92,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9889
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 TERMINAL_ID_RE = re.compile(r"[0-9a-f]{8}")
 PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-HOME_SUBDIRS = ("db", "logs/terminal", "agent-store", "agent-context", "skills",
+HOME_SUBDIRS = ("db", "logs", "logs/terminal", "agent-store", "agent-context", "skills",
                 "flows", "fifos")
 # A user switching from upstream keeps the profiles installed there.
 UPSTREAM_HOME = Path("~/.aws/cli-agent-orchestrator").expanduser()
@@ -103,6 +104,8 @@ def cao_home():
 
 def ensure_home():
     home = cao_home()
+    if not home.is_dir():
+        home.mkdir(parents=True, mode=0o700)
     for sub in HOME_SUBDIRS:
         (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
@@ -657,7 +660,11 @@ def install_profile(source):
             raise NotFound(f"profile file {source} does not exist; check the path")
         text, name, origin = path.read_text(encoding="utf-8"), path.stem, str(path)
     else:
-        text, origin = _find_profile(source)
+        try:
+            text, origin = _find_profile(source)
+        except NotFound:
+            raise NotFound(f"no built-in or installed profile named {source!r}; pass a .md "
+                           "file path or an https URL (see `GET /agents/profiles`)")
         name = source
     _check_profile_name(name)
     profile = _profile_from_text(text, origin, name)
@@ -741,9 +748,9 @@ class Store:
         return rows[0] if rows else None
 
     def execute(self, sql, args=()):
+        """Run one statement; returns the number of rows it changed."""
         with self.lock:
-            cur = self.db.execute(sql, args)
-            return cur.lastrowid if cur.lastrowid else cur.rowcount
+            return self.db.execute(sql, args).rowcount
 
     def emit(self, kind, session_name=None, terminal_id=None, **data):
         """Record an event and wake every long-poll waiter."""
@@ -823,8 +830,12 @@ def tmux_spawn(session, window, cwd, env, argv, new_session):
     pane = tmux(*head, "-n", window, "-c", cwd, *env_args, "-P", "-F", "#{pane_id}",
                 "--", *argv).strip()
     # Keep a dead pane on screen so its last words can be read and its status is error.
-    tmux("set-option", "-w", "-t", pane, "remain-on-exit", "on", ";",
-         "set-option", "-w", "-t", pane, "allow-rename", "off")
+    try:
+        tmux("set-option", "-w", "-t", pane, "remain-on-exit", "on", ";",
+             "set-option", "-w", "-t", pane, "allow-rename", "off")
+    except TmuxError:
+        raise CaoError(f"the agent command exited as soon as it started; check that "
+                       f"`{shlex.join(argv)}` runs in {cwd}")
     return pane
 
 
@@ -948,6 +959,18 @@ def _check_provider(name, spec, origin):
     cmd = spec.get("command")
     if not (isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd)):
         bad('"command" must be a non-empty list of strings')
+    templates = cmd + [a for args in spec.get("args", {}).values() for a in args] + \
+        list(spec.get("env", {}).values())
+    for template in templates:
+        if template == "{cao}":
+            continue
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as e:
+            bad(f"template {template!r}: {e}; write literal braces as {{{{ }}}}")
+        if names - set(LAUNCH_FIELDS):
+            bad(f"template {template!r} uses {', '.join(sorted(names - set(LAUNCH_FIELDS)))}; "
+                f"known fields: {', '.join(LAUNCH_FIELDS)}")
     for status, pattern in spec.get("status", []):
         if status not in STATUSES:
             bad(f"status {status!r} is not one of {', '.join(STATUSES)}")
@@ -987,6 +1010,9 @@ def get_provider(name):
 def provider_installed(spec):
     binary = spec.get("binary")
     return binary is None or shutil.which(binary) is not None
+
+
+LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory")
 
 
 def launch_argv(spec, fields, yolo):
@@ -1405,6 +1431,7 @@ class Runtime:
     def stop(self):
         self.watcher.stop()
         self.watcher.join(timeout=5)
+        self.store.close()
 
     # -- lookups -----------------------------------------------------------
     def terminal_row(self, terminal_id):
@@ -1554,7 +1581,8 @@ class Runtime:
             self.wait_ready(terminal_id, 120)
             self.send_input(terminal_id, message)
         except CaoError as e:
-            self.store.emit("input_failed", None, terminal_id, reason=str(e))
+            row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
+            self.store.emit("input_failed", row and row["session_name"], terminal_id, reason=str(e))
 
     # -- status ------------------------------------------------------------
     def _refresh(self, terminal_id):
@@ -2316,7 +2344,8 @@ def cmd_session_send(args):
     try:
         return _send_and_wait(head["id"], args.message, not args.async_, args.timeout)
     except KeyboardInterrupt:
-        _print_answer(head["id"])
+        print(f"cao: interrupted; terminal {head['id']} keeps working - see "
+              f"`cao session status {args.session}`", file=sys.stderr)
         return 130
 
 

@@ -110,6 +110,7 @@ def test_bad_input_gives_one_line_errors(cao_env):
         (["terminal", "restore", "abcdef12"], "no snapshot for terminal abcdef12"),
         (["session", "list"], "cao-server is not running"),
         (["install", "./missing.md"], "does not exist"),
+        (["install", "nosuch"], "no built-in or installed profile named 'nosuch'"),
         (["install", "https://evil.example/x.md"], "must be https on"),
     ]
     for args, expected in cases:

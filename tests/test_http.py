@@ -54,6 +54,8 @@ def test_health_and_session_lifecycle(server):
     assert (code, deleted) == (200, {"success": True, "deleted": ["cao-api"], "errors": []})
     assert server.request("GET", "/sessions")[1] == []
     assert server.tmux("has-session", "-t", "=cao-api").returncode != 0
+    kinds = [e["kind"] for e in server.request("GET", "/events?after=0")[1]["events"]]
+    assert kinds.count("session_created") == 1 and kinds.count("session_deleted") == 1
 
 
 def test_terminal_env_and_key(server):

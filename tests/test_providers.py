@@ -53,6 +53,8 @@ def _settings(env, providers, **extra):
     ({"command": ["x"], "status": [["busy", "x"]]}, "status 'busy' is not one of"),
     ({"command": ["x"], "status": [["idle", "("]]}, "status pattern '('"),
     ({"command": ["x"], "colour": "red"}, "unknown field(s) colour"),
+    ({"command": ["x", "--p={nosuch}"]}, "uses nosuch; known fields"),
+    ({"command": ["x"], "args": {"model": ["{model"]}}, "write literal braces as {{ }}"),
 ])
 def test_bad_user_provider_is_a_clear_error(cao_env, spec, message):
     _settings(cao_env, {"mine": spec})
