@@ -34,8 +34,29 @@ CAO_PY = REPO / "cao.py"
 CAO_PYZ = REPO / "dist" / "cao.pyz"
 
 
+_PY3 = None
+
+
 def python3() -> str:
-    return shutil.which("python3") or sys.executable
+    """The real interpreter behind `python3` on PATH.
+
+    `python3` may be a wrapper script (pyenv shim: +~60 ms per start), which
+    would be charged to cao but not to upstream's venv entry points, whose
+    shebang names the interpreter directly. So resolve it once.
+    """
+    global _PY3
+    if _PY3 is None:
+        exe = shutil.which("python3")
+        _PY3 = sys.executable
+        if exe:
+            try:
+                r = subprocess.run([exe, "-c", "import sys; print(sys.executable)"],
+                                   capture_output=True, text=True, timeout=30)
+                if r.returncode == 0 and r.stdout.strip():
+                    _PY3 = r.stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    return _PY3
 
 
 # --------------------------------------------------------------------------
@@ -202,18 +223,39 @@ class Sandbox:
         self.close()
 
 
-def stop_group(p: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the process group we started (start_new_session=True), then SIGKILL."""
-    if p.poll() is not None:
-        # leader gone; group members may linger
-        _killpg(p.pid, signal.SIGKILL)
-        return
-    _killpg(p.pid, signal.SIGTERM)
+def exit_code(p: subprocess.Popen):
+    """Exit code of p if it has exited, else None -- WITHOUT reaping it.
+
+    An exited but unreaped leader stays a zombie, so its PID (and with it our
+    process group id) cannot be reused by anyone else until stop_group() reaps
+    it. With pid_max = 32768 and busy neighbours, PIDs do get reused quickly.
+    """
+    if p.returncode is not None:
+        return p.returncode
     try:
-        p.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    _killpg(p.pid, signal.SIGKILL)
+        info = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return p.poll()
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def stop_group(p: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop the process group we started (start_new_session=True): SIGTERM,
+    wait up to grace s for the leader, SIGKILL what is left, then reap.
+
+    The group is signalled only while its leader is unreaped (alive or
+    zombie), so the group id is still ours; once reaped we never signal it.
+    """
+    if p.returncode is not None:
+        return
+    if exit_code(p) is None:
+        _killpg(p.pid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while exit_code(p) is None and time.monotonic() < end:
+            time.sleep(0.01)
+    _killpg(p.pid, signal.SIGKILL)  # leftovers (and the leader if it hung)
     try:
         p.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -252,8 +294,9 @@ def wait_healthy(port: int, proc: subprocess.Popen, deadline_s: float = 30.0,
         t0 = time.perf_counter()
     end = t0 + deadline_s
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} "
+        rc = exit_code(proc)
+        if rc is not None:
+            raise RuntimeError(f"server exited with code {rc} "
                                "before /health answered")
         try:
             status, body = http_get(port, "/health", timeout=1.0)

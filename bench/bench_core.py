@@ -70,22 +70,44 @@ def measure_server(name: str, argv_for_port, n_starts: int, n_req: int,
         res["start_first_s"] = starts[0]
         res["start_median_s"] = C.median(starts)
 
-        time.sleep(idle_s)
-        res["rss_idle_mb"] = C.tree_rss_mb(proc.pid)
-        res["rss_pids"] = len(C.descendants(proc.pid))
-
-        lat, reconnects, bad = sessions_latency(port, n_req, warmup)
+        # RSS + latency on the last server; if it dies under us (e.g. someone
+        # else's SIGTERM), start one more and measure again, once.
+        for attempt in (1, 2):
+            try:
+                time.sleep(idle_s)
+                rc = C.exit_code(proc)
+                if rc is not None:
+                    raise ServerDied(f"exit code {rc} while idle")
+                res["rss_idle_mb"] = C.tree_rss_mb(proc.pid)
+                res["rss_pids"] = len(C.descendants(proc.pid))
+                lat, reconnects, bad = sessions_latency(port, n_req, warmup, proc)
+                res["rss_after_load_mb"] = C.tree_rss_mb(proc.pid)
+                break
+            except ServerDied as e:
+                if attempt == 2:
+                    raise RuntimeError(f"server died during the RSS/latency phase twice ({e})")
+                tail = sb.log_tail(n=2)
+                res["restarted"] = f"{e}; server log: {tail}" if tail else str(e)
+                log(f"{name}: server died during the RSS/latency phase ({e}); restarting once")
+                C.stop_group(proc)
+                sb.procs.remove(proc)
+                port = C.free_port()
+                proc = sb.spawn(argv_for_port(port))
+                C.wait_healthy(port, proc)
         res["sessions_n"] = len(lat)
         res["sessions_p50_ms"] = C.percentile(lat, 50) * 1000
         res["sessions_p99_ms"] = C.percentile(lat, 99) * 1000
         res["sessions_mean_ms"] = sum(lat) / len(lat) * 1000
         res["sessions_reconnects"] = reconnects
         res["sessions_non200"] = bad
-        res["rss_after_load_mb"] = C.tree_rss_mb(proc.pid)
     return res
 
 
-def sessions_latency(port: int, n: int, warmup: int):
+class ServerDied(Exception):
+    pass
+
+
+def sessions_latency(port: int, n: int, warmup: int, proc=None):
     """Sequential GET /sessions on one reused HTTPConnection.
 
     Returns (latencies_s, reconnects, non_200_count). A reconnect is counted
@@ -99,9 +121,18 @@ def sessions_latency(port: int, n: int, warmup: int):
     try:
         for i in range(warmup + n):
             t = perf()
-            conn.request("GET", "/sessions")
-            r = conn.getresponse()
-            r.read()
+            try:
+                conn.request("GET", "/sessions")
+                r = conn.getresponse()
+                r.read()
+            except (OSError, http.client.HTTPException) as e:
+                rc = None if proc is None else C.exit_code(proc)
+                if proc is not None and rc is None:
+                    time.sleep(0.2)
+                    rc = C.exit_code(proc)
+                if rc is not None:
+                    raise ServerDied(f"exit code {rc} after {i} requests") from e
+                raise
             dt = perf() - t
             if r.status != 200:
                 bad += 1
@@ -196,12 +227,32 @@ def machine_info() -> str:
             f"{os.cpu_count()} cores  {cpu}  Python {platform.python_version()}  {tmux}")
 
 
+def cao_version(cao_py: Path) -> str:
+    if not cao_py.exists():
+        return "missing"
+    import hashlib
+    digest = hashlib.sha256(cao_py.read_bytes()).hexdigest()[:12]
+    git = ""
+    try:
+        head = subprocess.run(["git", "-C", str(cao_py.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(cao_py.parent), "status", "--porcelain", "--",
+                                cao_py.name], capture_output=True, text=True, timeout=10).stdout.strip()
+        if head:
+            git = f", git {head}{' + uncommitted changes' if dirty else ''}"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return f"sha256 {digest}{git}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--json", metavar="FILE", help="also write raw results as JSON")
     ap.add_argument("--cao", metavar="PATH", default=str(C.CAO_PY),
                     help="cao.py to benchmark (default: the repo's cao.py)")
+    ap.add_argument("--build-pyz", action="store_true",
+                    help="run build_zipapp.py first so dist/cao.pyz matches cao.py")
     ap.add_argument("--skip-upstream", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -219,6 +270,13 @@ def main() -> int:
     notes: list[str] = []
     up, cao = out["upstream"], out["cao"]
 
+    if args.build_pyz:
+        builder = cao_py.parent / "build_zipapp.py"
+        r = subprocess.run([py, str(builder)], cwd=str(cao_py.parent),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode != 0:
+            notes.append(f"cao: build_zipapp.py failed ({r.stderr.strip()[-200:]})")
+
     # ---------------- upstream ----------------
     venv = None
     if not args.skip_upstream:
@@ -232,8 +290,8 @@ def main() -> int:
             up.update(measure_server(
                 "upstream", lambda p: [srv, "--host", "127.0.0.1", "--port", str(p)],
                 n_starts, n_req, warmup, idle_s))
-        except RuntimeError as e:
-            notes.append(f"upstream: server not available ({e})")
+        except Exception as e:  # report, never crash: the other side still counts
+            notes.append(f"upstream: server not available ({type(e).__name__}: {e})")
         try:
             up["help_s"] = help_time([str(venv / "bin" / "cao"), "--help"], help_runs)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
@@ -256,8 +314,8 @@ def main() -> int:
                 "cao", lambda p: [py, str(cao_py), "server", "--host", "127.0.0.1",
                                   "--port", str(p)],
                 n_starts, n_req, warmup, idle_s))
-        except RuntimeError as e:
-            notes.append(f"cao: not available (server: {e})")
+        except Exception as e:  # report, never crash: upstream still counts
+            notes.append(f"cao: not available (server: {type(e).__name__}: {e})")
         for key, target in (("help_s", cao_py), ("help_pyz_s", cao_pyz)):
             if not target.exists():
                 continue
@@ -293,12 +351,21 @@ def main() -> int:
     print(f"cao core benchmark vs {C.UPSTREAM_PKG}=={C.UPSTREAM_VERSION}"
           f"{'  (--quick)' if args.quick else ''}")
     print(f"machine: {out['machine']}")
+    print(f"cao runs under {py}; upstream under {venv or '(no venv)'}")
+    print(f"cao.py: {cao_version(cao_py)}")
     print()
     print_table(rows)
     for side, d in (("upstream", up), ("cao", cao)):
         if d.get("sessions_reconnects"):
             notes.append(f"{side}: server closed the connection after "
                          f"{d['sessions_reconnects']}/{d['sessions_n']} /sessions responses (no keep-alive)")
+        if 35 <= (d.get("sessions_p50_ms") or 0) <= 50:
+            notes.append(f"{side}: /sessions p50 ~40 ms looks like a Nagle/delayed-ACK stall "
+                         "(headers and body sent in separate writes on a keep-alive "
+                         "connection); write the response once or set TCP_NODELAY")
+        if d.get("restarted"):
+            notes.append(f"{side}: server died during the first RSS/latency run "
+                         f"({d['restarted']}); figures are from a second server")
         if d.get("sessions_non200"):
             notes.append(f"{side}: {d['sessions_non200']} /sessions responses were not 200")
         if "start_all_s" in d:
