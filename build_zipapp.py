@@ -12,6 +12,7 @@ is then tied to this Python version and platform (see docs/packaging.md).
 """
 import argparse
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,10 @@ VENDORED = ["mcp>=1.23", "croniter>=2"]
 
 def stage(target, with_mcp):
     shutil.copy2(ROOT / "cao.py", target / "cao.py")
+    # Bytecode beside the source: zipimport uses it when this Python's magic
+    # number matches and falls back to cao.py otherwise.
+    py_compile.compile(str(target / "cao.py"), cfile=str(target / "cao.pyc"), doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     (target / "__main__.py").write_text("import cao\ncao.cli_main()\n")
     for folder in ("web_static", "profiles"):
         if (ROOT / folder).is_dir():

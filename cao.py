@@ -22,7 +22,6 @@ Map of this file (each section uses only the sections above it):
 
 import argparse
 import base64
-import hashlib
 import http.client
 import http.server
 import ipaddress
@@ -42,9 +41,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-import urllib.request
 import uuid
-import zipfile
 import zipimport
 from pathlib import Path
 
@@ -147,6 +144,8 @@ def _resource_roots():
 def read_resource(relpath):
     """Bytes of a packaged file (web_static/..., profiles/...), or None."""
     archive = _zip_archive()
+    if archive:
+        import zipfile  # only a zipapp needs it
     for root in _resource_roots():
         if archive:
             inner = os.path.relpath(os.path.join(root, relpath), archive)
@@ -165,6 +164,7 @@ def read_resource(relpath):
 def list_resources(reldir):
     archive = _zip_archive()
     if archive:
+        import zipfile
         with zipfile.ZipFile(archive) as z:
             prefix = reldir.rstrip("/") + "/"
             return sorted(n[len(prefix):] for n in z.namelist()
@@ -178,6 +178,8 @@ def list_resources(reldir):
 
 def _vendored_site_packages(archive):
     """Extract a pyz's _vendor/ once to a cache keyed by its content; returns the dir."""
+    import hashlib
+    import zipfile
     with zipfile.ZipFile(archive) as z:
         members = [i for i in z.infolist() if i.filename.startswith("_vendor/")]
         if not members:
@@ -641,6 +643,7 @@ def _fetch_profile_url(url):
     if parts.hostname == "github.com" and "/blob/" in parts.path:
         owner_repo, _, rest = parts.path.partition("/blob/")
         url = f"https://raw.githubusercontent.com{owner_repo}/{rest}"
+    import urllib.request  # only here: it pulls in ssl and email at import time
     try:
         with urllib.request.urlopen(url, timeout=30) as resp:
             return resp.read(1 << 20).decode("utf-8")
@@ -1931,6 +1934,9 @@ def _origin_allowed(origin, host_header):
 class ApiHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "cao/" + __version__
+    # Headers and body go out in two writes; without TCP_NODELAY the body waits
+    # ~40 ms for the client's delayed ACK on a keep-alive connection.
+    disable_nagle_algorithm = True
     runtime = None  # set by make_server
 
     def log_message(self, fmt, *args):
