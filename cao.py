@@ -643,9 +643,9 @@ def _fetch_profile_url(url):
     if parts.hostname == "github.com" and "/blob/" in parts.path:
         owner_repo, _, rest = parts.path.partition("/blob/")
         url = f"https://raw.githubusercontent.com{owner_repo}/{rest}"
-    import urllib.request  # only here: it pulls in ssl and email at import time
+    from urllib.request import urlopen  # only here: it is slow to import
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urlopen(url, timeout=30) as resp:
             return resp.read(1 << 20).decode("utf-8")
     except (OSError, ValueError) as e:
         raise CaoError(f"could not download {url}: {e}")
