@@ -16,6 +16,7 @@ Map of this file (each section uses only the sections above it):
   providers          the provider table: how each CLI launches, looks and exits
   demo agent         the small interactive agent behind the `demo` provider
   terminals          sessions/terminals, pasted input, event-driven status watcher
+  inbox              durable messages delivered when the receiver is idle
   HTTP API           ThreadingHTTPServer, route table, Host/Origin checks
   CLI                argparse commands; `main()` is the entry point
 """
@@ -709,6 +710,7 @@ MIGRATIONS = [
         seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
         session_name TEXT, terminal_id TEXT, data TEXT);
     """,
+    "ALTER TABLE inbox ADD COLUMN log_offset INTEGER;",
 ]
 EVENTS_KEPT = 10000
 
@@ -749,6 +751,11 @@ class Store:
     def one(self, sql, args=()):
         rows = self.query(sql, args)
         return rows[0] if rows else None
+
+    def insert(self, sql, args=()):
+        """Run one INSERT; returns the new row's id."""
+        with self.lock:
+            return self.db.execute(sql, args).lastrowid
 
     def execute(self, sql, args=()):
         """Run one statement; returns the number of rows it changed."""
@@ -1755,6 +1762,142 @@ def _iso(ts):
 
 
 ###############################################################################
+# Inbox and orchestration #####################################################
+###############################################################################
+
+INBOX_STATES = ("queued", "delivering", "delivered", "failed")
+
+
+class Inbox:
+    """Durable messages between terminals: queued -> delivering -> delivered, or
+    failed with a reason. A receiver gets its queue when its status turns idle or
+    completed (never while busy); consecutive messages from one sender go in one
+    paste. Each row is marked delivering, with the receiver's log size, before the
+    paste, so after a crash the log tells whether the paste happened."""
+
+    def __init__(self, runtime):
+        self.rt, self.store = runtime, runtime.store
+        self.locks = {}
+        self.running = set()
+        self.guard = threading.Lock()
+        runtime.status_listeners.append(self._on_status)
+
+    def _log_path(self, terminal_id):
+        return self.rt.home / "logs" / "terminal" / f"{terminal_id}.log"
+
+    def recover(self):
+        """Settle rows a crash left in `delivering`, then deliver what is queued."""
+        for row in self.store.query("SELECT * FROM inbox WHERE status = 'delivering'"):
+            needle = row["message"].strip().split("\n")[0][:40].encode()
+            try:
+                with open(self._log_path(row["receiver_id"]), "rb") as f:
+                    f.seek(row["log_offset"] or 0)
+                    seen = needle in _visible_bytes(f.read())
+            except OSError:
+                seen = False
+            self._mark([row["id"]], "delivered" if seen else "queued",
+                       None if seen else "re-queued after a restart")
+        for row in self.store.query("SELECT DISTINCT receiver_id FROM inbox WHERE status = 'queued'"):
+            self.kick(row["receiver_id"])
+
+    def post(self, sender_id, receiver_id, message):
+        check_terminal_id(receiver_id)
+        if not isinstance(message, str) or not message.strip():
+            raise CaoError("message is empty; pass the text to send")
+        if not isinstance(sender_id, str) or not sender_id or len(sender_id) > 64:
+            raise CaoError("sender_id is required (the sending terminal id or a name up to 64 chars)")
+        if sender_id == receiver_id:
+            raise CaoError("a terminal cannot send a message to itself; pick another receiver_id")
+        self.rt.terminal_row(receiver_id)
+        now = time.time()
+        message_id = self.store.insert(
+            "INSERT INTO inbox(sender_id, receiver_id, message, status, created_at)"
+            " VALUES (?,?,?,?,?)", (sender_id, receiver_id, message, "queued", now))
+        self.store.emit("message_queued", None, receiver_id, message_id=message_id, sender_id=sender_id)
+        self.kick(receiver_id)
+        return {"success": True, "message_id": message_id, "sender_id": sender_id,
+                "receiver_id": receiver_id, "created_at": _iso(now)}
+
+    def messages(self, receiver_id, limit=10, status=None):
+        self.rt.terminal_row(receiver_id)
+        if status is not None and status not in INBOX_STATES:
+            raise CaoError(f"unknown message status {status!r}; use one of {', '.join(INBOX_STATES)}")
+        rows = self.store.query(
+            "SELECT * FROM inbox WHERE receiver_id = ? AND (? IS NULL OR status = ?)"
+            " ORDER BY id DESC LIMIT ?", (receiver_id, status, status, int(limit)))
+        return [{"id": r["id"], "sender_id": r["sender_id"], "receiver_id": r["receiver_id"],
+                 "message": r["message"], "status": r["status"], "reason": r["reason"],
+                 "created_at": _iso(r["created_at"]), "delivered_at": _iso(r["delivered_at"])}
+                for r in rows]
+
+    def kick(self, receiver_id):
+        """Try to deliver receiver's queue in the background (one worker per receiver)."""
+        with self.guard:
+            if receiver_id in self.running:
+                return
+            self.running.add(receiver_id)
+        threading.Thread(target=self._run, args=(receiver_id,), daemon=True).start()
+
+    def _on_status(self, terminal_id, status):
+        if status in ("idle", "completed"):
+            self.kick(terminal_id)
+
+    def _run(self, receiver_id):
+        try:
+            self._deliver(receiver_id)
+        finally:
+            with self.guard:
+                self.running.discard(receiver_id)
+        # A status change that arrived while we ran found us busy: look once more.
+        if self.rt.status.get(receiver_id) in ("idle", "completed") and self.store.one(
+                "SELECT 1 AS x FROM inbox WHERE receiver_id = ? AND status = 'queued'", (receiver_id,)):
+            self.kick(receiver_id)
+
+    def _mark(self, ids, status, reason=None):
+        marks = ",".join("?" * len(ids))
+        delivered = time.time() if status == "delivered" else None
+        self.store.execute(f"UPDATE inbox SET status = ?, reason = ?, delivered_at = ? "
+                           f"WHERE id IN ({marks})", (status, reason, delivered, *ids))
+
+    def _deliver(self, receiver_id):
+        while self.rt.status.get(receiver_id) in ("idle", "completed"):
+            queued = self.store.query("SELECT * FROM inbox WHERE receiver_id = ? AND status = 'queued'"
+                                      " ORDER BY id LIMIT 100", (receiver_id,))
+            if not queued:
+                return
+            batch = [queued[0]]
+            for row in queued[1:]:
+                if row["sender_id"] != batch[0]["sender_id"]:
+                    break
+                batch.append(row)
+            ids = [r["id"] for r in batch]
+            try:
+                offset = self._log_path(receiver_id).stat().st_size
+            except OSError:
+                offset = 0
+            marks = ",".join("?" * len(ids))
+            self.store.execute(f"UPDATE inbox SET status = 'delivering', log_offset = ? "
+                               f"WHERE id IN ({marks})", (offset, *ids))
+            try:
+                self.rt.send_input(receiver_id, "\n".join(r["message"] for r in batch))
+            except NotFound:
+                self._mark(ids, "failed", f"receiver {receiver_id} no longer exists")
+                return
+            except CaoError as e:
+                self._mark(ids, "failed", str(e))
+                self.store.emit("message_failed", None, receiver_id, message_ids=ids, reason=str(e))
+                return
+            self._mark(ids, "delivered")
+            self.store.emit("message_delivered", None, receiver_id, message_ids=ids)
+
+
+def _visible_bytes(raw):
+    """Terminal output with escape sequences removed, for finding echoed text."""
+    return re.sub(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b.|[\r\x00-\x08]",
+                  b"", raw)
+
+
+###############################################################################
 # HTTP API ####################################################################
 ###############################################################################
 
@@ -1889,6 +2032,17 @@ def _terminal_key(rt, req):
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
 def _terminal_workdir(rt, req):
     return {"working_directory": rt.working_directory(req.params["id"])}
+
+
+@route("POST", r"/terminals/(?P<id>[^/]+)/inbox/messages")
+def _post_message(rt, req):
+    return rt.inbox.post(req.arg("sender_id", required=True), req.params["id"],
+                         req.arg("message", required=True))
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)/inbox/messages")
+def _list_messages(rt, req):
+    return rt.inbox.messages(req.params["id"], req.number("limit", 10, 1, 100), req.arg("status"))
 
 
 @route("GET", r"/agents/profiles")
@@ -2043,7 +2197,9 @@ def make_server(host, port):
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; "
                           "is another cao-server running? pick another --port")
     runtime = Runtime(store, host, server.server_address[1])
+    runtime.inbox = Inbox(runtime)
     runtime.start()
+    runtime.inbox.recover()
     server.RequestHandlerClass = type("Handler", (ApiHandler,), {"runtime": runtime})
     server.runtime = runtime
     return server
