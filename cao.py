@@ -17,7 +17,8 @@ Map of this file (each section uses only the sections above it):
   demo agent         the small interactive agent behind the `demo` provider
   terminals          sessions/terminals, pasted input, event-driven status watcher
   inbox              durable messages delivered when the receiver is idle
-  HTTP API           ThreadingHTTPServer, route table, Host/Origin checks
+  HTTP API           ThreadingHTTPServer, route table, Host/Origin checks; client
+  MCP servers        `cao mcp`: handoff, assign, send_message for agents
   CLI                argparse commands; `main()` is the entry point
 """
 
@@ -1125,10 +1126,50 @@ class _DemoInput:
             sys.stdout.flush()
 
 
+def _demo_call_tool(name, arguments):
+    """Call one tool of `cao mcp` through the MCP SDK's stdio client, as an agent would."""
+    import_optional("mcp", "the demo agent's orchestration commands")
+    import asyncio
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    async def call():
+        params = StdioServerParameters(command=self_command()[0],
+                                       args=self_command()[1:] + ["mcp"], env=dict(os.environ))
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                result = await session.call_tool(name, arguments)
+                return json.loads(result.content[0].text)
+    return asyncio.run(call())
+
+
+def _demo_command(first):
+    """Run /handoff PROFILE TEXT, /assign PROFILE TEXT or /send ID|- TEXT; None if not one."""
+    parts = first.split(None, 2)
+    if len(parts) < 3 or parts[0] not in ("/handoff", "/assign", "/send"):
+        return None
+    command, target, text = parts
+    try:
+        if command == "/handoff":
+            result = _demo_call_tool("handoff", {"agent_profile": target, "message": text})
+            return result.get("output") if result.get("success") else \
+                f"error: {result.get('message') or result.get('error')}"
+        if command == "/assign":
+            result = _demo_call_tool("assign", {"agent_profile": target, "message": text})
+            return f"assigned {result['terminal_id']}" if result.get("success") else \
+                f"error: {result.get('error')}"
+        args = {"message": text} if target == "-" else {"message": text, "receiver_id": target}
+        result = _demo_call_tool("send_message", args)
+        return None if result.get("success") else f"error: {result.get('error')}"
+    except Exception as e:  # the demo reports any failure on screen, like an agent would
+        return f"error: {type(e).__name__}: {e}"
+
+
 def demo_answer(text):
-    """The demo agent's reply to one input; orchestration commands plug in here."""
+    """The demo agent's reply to one input (only its first line counts)."""
     first = (text.strip().split("\n") or [""])[0].strip()
-    return f"done: {first}"
+    return f"done: {_demo_command(first) or first}"
 
 
 def run_demo_agent(profile):
@@ -1154,12 +1195,16 @@ def run_demo_agent(profile):
                 continue
             started = time.monotonic()
             spin = 0
-            while time.monotonic() - started < delay:
+            while True:  # the busy line stays up while the answer (maybe a handoff) is made
                 out.write("\r" + "|/-\\"[spin % 4] + " working...")
                 out.flush()
                 spin += 1
-                time.sleep(min(0.1, max(0.0, delay - (time.monotonic() - started))))
-            out.write("\r\x1b[K" + demo_answer(text).replace("\n", "\r\n") + "\r\n")
+                left = delay - (time.monotonic() - started)
+                if left <= 0:
+                    break
+                time.sleep(min(0.1, left))
+            answer = demo_answer(text)
+            out.write("\r\x1b[K" + answer.replace("\n", "\r\n") + "\r\n")
     except KeyboardInterrupt:
         pass
     finally:
@@ -2050,6 +2095,11 @@ def _profiles(rt, req):
     return list_profiles()
 
 
+@route("GET", r"/agents/profiles/(?P<name>[^/]+)")
+def _profile(rt, req):
+    return load_profile(req.params["name"])
+
+
 @route("GET", r"/agents/providers")
 def _providers(rt, req):
     return [{"name": name, "binary": spec.get("binary") or "(built in)",
@@ -2231,9 +2281,7 @@ def serve(host, port):
     return 0
 
 
-###############################################################################
-# CLI #########################################################################
-###############################################################################
+# -- client ------------------------------------------------------------------
 
 DONE_STATUSES = ("completed", "idle", "waiting_user_answer", "error")
 
@@ -2310,6 +2358,153 @@ def wait_for_status(terminal_id, wanted, timeout, label):
     finally:
         progress.done()
 
+
+###############################################################################
+# MCP servers #################################################################
+###############################################################################
+
+# `cao mcp` runs inside each agent CLI as its stdio MCP server. It knows its
+# caller by CAO_TERMINAL_ID and does everything through the HTTP API above.
+
+MCP_INSTRUCTIONS = ("Tools to delegate work to other agents of this cao session: handoff "
+                    "(wait for a worker's answer), assign (start a worker; it reports back "
+                    "with send_message) and send_message (to another terminal's inbox).")
+
+
+def _flag(name, default):
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
+def _caller():
+    terminal_id = os.environ.get("CAO_TERMINAL_ID")
+    if not terminal_id:
+        raise CaoError("CAO_TERMINAL_ID is not set: cao mcp must run inside a cao terminal")
+    return api("GET", f"/terminals/{check_terminal_id(terminal_id)}")
+
+
+def _start_worker(caller, agent_profile, working_directory, initial_message=None):
+    _check_profile_name(agent_profile)
+    profile = api("GET", f"/agents/profiles/{agent_profile}")
+    body = {"agent_profile": agent_profile, "caller_id": caller["id"],
+            "provider": profile.get("provider") or caller["provider"],
+            "working_directory": working_directory or api(
+                "GET", f"/terminals/{caller['id']}/working-directory")["working_directory"]}
+    if initial_message is not None:
+        body["initial_message"] = initial_message
+    return api("POST", f"/sessions/{caller['session_name']}/terminals", body=body, timeout=300)
+
+
+def mcp_handoff(agent_profile, message, timeout=600, working_directory=None):
+    """Run a task on a new worker, wait for its answer, then remove the worker."""
+    if not isinstance(timeout, (int, float)) or not 1 <= timeout <= 3600:
+        raise CaoError(f"timeout={timeout!r} is out of range; use 1 to 3600 seconds")
+    caller = _caller()
+    started = time.monotonic()
+    worker = _start_worker(caller, agent_profile, working_directory)
+    wid = worker["id"]
+    api("POST", f"/terminals/{wid}/input", body={"message": message})
+    try:
+        status = wait_for_status(wid, DONE_STATUSES, timeout, f"worker {wid}")
+    except CaoError:
+        return {"success": False, "output": None, "terminal_id": wid,
+                "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "
+                           "so you can inspect it (delete_terminal when done)"}
+    if status not in ("completed", "idle"):
+        return {"success": False, "output": None, "terminal_id": wid,
+                "message": f"Handoff failed: worker {wid} is {status}; it is kept for inspection"}
+    output = api("GET", f"/terminals/{wid}/output", {"mode": "last"})["output"]
+    api("POST", f"/terminals/{wid}/exit")
+    api("DELETE", f"/terminals/{wid}")
+    return {"success": True, "output": output, "terminal_id": wid,
+            "message": f"Successfully handed off to {agent_profile} ({worker['provider']}) "
+                       f"in {time.monotonic() - started:.1f}s"}
+
+
+def mcp_assign(agent_profile, message, working_directory=None):
+    """Start a worker on a task and return at once with its terminal id."""
+    caller = _caller()
+    if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
+        message += (f"\n\n[Assigned by terminal {caller['id']}. When done, send results back "
+                    f"to terminal {caller['id']} using send_message]")
+    worker = _start_worker(caller, agent_profile, working_directory, initial_message=message)
+    return {"success": True, "terminal_id": worker["id"],
+            "message": f"Task assigned to {agent_profile} (terminal: {worker['id']}). It will "
+                       "report back with send_message; call delete_terminal when done with it."}
+
+
+def mcp_send_message(message, receiver_id=None):
+    """Queue a message for another terminal (default: the one that assigned you)."""
+    caller = _caller()
+    receiver_id = receiver_id or caller.get("caller_id")
+    if not receiver_id:
+        raise CaoError("no receiver_id given and no terminal assigned this one; pass receiver_id")
+    if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
+        message += (f"\n\n[Message from terminal {caller['id']}. Use send_message MCP tool "
+                    "for any follow-up work.]")
+    return api("POST", f"/terminals/{check_terminal_id(receiver_id)}/inbox/messages",
+               body={"sender_id": caller["id"], "message": message})
+
+
+def mcp_delete_terminal(terminal_id):
+    api("DELETE", f"/terminals/{check_terminal_id(terminal_id)}")
+    return {"success": True, "message": f"terminal {terminal_id} deleted"}
+
+
+def _tool_result(func, *args):
+    try:
+        return func(*args)
+    except CaoError as e:
+        return {"success": False, "error": str(e)}
+
+
+def run_mcp_server():
+    import_optional("mcp", "`cao mcp`")
+    try:
+        from mcp.server.mcpserver import MCPServer
+    except ImportError:  # mcp < 2 calls it FastMCP
+        from mcp.server.fastmcp import FastMCP as MCPServer
+    server = MCPServer("cao-mcp-server", instructions=MCP_INSTRUCTIONS)
+    tool = server.tool()
+    if _flag("CAO_ENABLE_WORKING_DIRECTORY", "false"):
+        def handoff(agent_profile: str, message: str, timeout: int = 600,
+                    working_directory: str | None = None) -> dict:
+            """Hand a task to a new worker agent, wait until it finishes and return its
+            answer; the worker is removed afterwards. timeout is 1-3600 seconds."""
+            return _tool_result(mcp_handoff, agent_profile, message, timeout, working_directory)
+
+        def assign(agent_profile: str, message: str, working_directory: str | None = None) -> dict:
+            """Start a worker agent on a task and return its terminal id at once; the
+            worker sends its results back to you with send_message."""
+            return _tool_result(mcp_assign, agent_profile, message, working_directory)
+    else:
+        def handoff(agent_profile: str, message: str, timeout: int = 600) -> dict:
+            """Hand a task to a new worker agent, wait until it finishes and return its
+            answer; the worker is removed afterwards. timeout is 1-3600 seconds."""
+            return _tool_result(mcp_handoff, agent_profile, message, timeout)
+
+        def assign(agent_profile: str, message: str) -> dict:
+            """Start a worker agent on a task and return its terminal id at once; the
+            worker sends its results back to you with send_message."""
+            return _tool_result(mcp_assign, agent_profile, message)
+
+    def send_message(message: str, receiver_id: str | None = None) -> dict:
+        """Send a message to another terminal's inbox; it is delivered when that agent is
+        idle. Without receiver_id it goes to the terminal that assigned you."""
+        return _tool_result(mcp_send_message, message, receiver_id)
+
+    def delete_terminal(terminal_id: str) -> dict:
+        """Remove a worker terminal you no longer need (its scrollback is saved)."""
+        return _tool_result(mcp_delete_terminal, terminal_id)
+
+    for func in (handoff, assign, send_message, delete_terminal):
+        tool(func)
+    server.run()
+    return 0
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
 
 def _server_log():
     return ensure_home() / "logs" / "server.log"
@@ -2564,6 +2759,10 @@ def cmd_info(args):
     return 0
 
 
+def cmd_mcp(args):
+    return run_mcp_server()
+
+
 def cmd_demo_agent(args):
     return run_demo_agent(args.profile)
 
@@ -2652,6 +2851,9 @@ def build_parser():
     s = sub.add_parser("info", help="show paths, server and current session")
     s.set_defaults(func=cmd_info)
 
+    s = sub.add_parser("mcp", help="run the MCP server for agents (same as cao-mcp-server)")
+    s.set_defaults(func=cmd_mcp)
+
     s = sub.add_parser("demo-agent", help="run the demo agent (used by the demo provider)")
     s.add_argument("--profile", default="demo")
     s.set_defaults(func=cmd_demo_agent)
@@ -2660,8 +2862,9 @@ def build_parser():
 
 def main(argv=None, prog=None):
     parser = build_parser()
-    if prog == "cao-server":
-        argv = ["server"] + list(sys.argv[1:] if argv is None else argv)
+    command = {"cao-server": "server", "cao-mcp-server": "mcp"}.get(prog)
+    if command:
+        argv = [command] + list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "server":
         host, port = api_address()
@@ -2677,6 +2880,10 @@ def main(argv=None, prog=None):
 
 def server_main():
     sys.exit(main(prog="cao-server"))
+
+
+def mcp_main():
+    sys.exit(main(prog="cao-mcp-server"))
 
 
 def cli_main():
