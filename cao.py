@@ -30,6 +30,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import selectors
 import shlex
 import shutil
@@ -711,7 +712,7 @@ MIGRATIONS = [
         seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
         session_name TEXT, terminal_id TEXT, data TEXT);
     """,
-    "ALTER TABLE inbox ADD COLUMN log_offset INTEGER;",
+    "ALTER TABLE inbox ADD COLUMN batch_id INTEGER;",
 ]
 EVENTS_KEPT = 10000
 
@@ -876,11 +877,17 @@ def tmux_capture_state(pane):
     return screen, dead.strip() == "1"
 
 
-def tmux_paste(pane, text):
-    """Paste text as one bracketed paste (tmux adds the markers if the app asked)."""
-    buf = "cao-" + uuid.uuid4().hex[:12]
-    tmux("load-buffer", "-b", buf, "-", ";", "paste-buffer", "-p", "-d", "-b", buf, "-t", pane,
-         input=text.encode())
+def tmux_paste(pane, text, keep_buffer=None):
+    """Paste text as one bracketed paste (tmux adds the markers if the app asked).
+    With keep_buffer, the named buffer outlives the paste: one tmux command list
+    loads and pastes, so the buffer's existence proves the paste happened."""
+    buf = keep_buffer or "cao-" + uuid.uuid4().hex[:12]
+    tmux("load-buffer", "-b", buf, "-", ";", "paste-buffer", "-p", *([] if keep_buffer else ["-d"]),
+         "-b", buf, "-t", pane, input=text.encode())
+
+
+def tmux_buffer_exists(name):
+    return name in tmux("list-buffers", "-F", "#{buffer_name}", check=False).split()
 
 
 def tmux_keys(pane, *keys):
@@ -1172,10 +1179,20 @@ def demo_answer(text):
     return f"done: {_demo_command(first) or first}"
 
 
+def _demo_audit(path, text, reader):
+    """Append one JSON line per input to CAO_DEMO_LOG, noting whether more input
+    arrived while this one was being answered (which cao must never cause)."""
+    busy_input = bool(reader.pending) or bool(select.select([reader.fd], [], [], 0)[0])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"terminal_id": os.environ.get("CAO_TERMINAL_ID"), "input": text,
+                            "busy_input": busy_input}) + "\n")
+
+
 def run_demo_agent(profile):
     import termios
     import tty
     delay = float(os.environ.get("CAO_DEMO_DELAY", "0.3") or 0)
+    audit = os.environ.get("CAO_DEMO_LOG")
     interactive = os.isatty(0)
     saved = termios.tcgetattr(0) if interactive else None
     out = sys.stdout
@@ -1204,6 +1221,8 @@ def run_demo_agent(profile):
                     break
                 time.sleep(min(0.1, left))
             answer = demo_answer(text)
+            if audit:
+                _demo_audit(audit, text, reader)
             out.write("\r\x1b[K" + answer.replace("\n", "\r\n") + "\r\n")
     except KeyboardInterrupt:
         pass
@@ -1686,7 +1705,7 @@ class Runtime:
         return state[0] if state else ""
 
     # -- input and output --------------------------------------------------
-    def send_input(self, terminal_id, message):
+    def send_input(self, terminal_id, message, keep_buffer=None):
         """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
         if not isinstance(message, str) or not message.strip():
             raise CaoError("message is empty; pass the text to send")
@@ -1698,26 +1717,38 @@ class Runtime:
         pane = row["pane_id"]
         lock = self.input_locks.setdefault(terminal_id, threading.Lock())
         with lock:
-            tmux_paste(pane, message)
+            tmux_paste(pane, message, keep_buffer)
             delay = spec.get("submit", {}).get("enter_delay", 0)
             if delay:
                 time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
-            needle = message.strip().split("\n")[-1].strip()[-24:]
-            for _attempt in range(3):
-                count = self.watcher.output_count(terminal_id)
-                tmux_keys(pane, "Enter")
-                self.watcher.wait_settled(terminal_id, count)
-                state = tmux_capture_state(pane)
-                if state is None or state[1]:
-                    raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
-                last_line = _screen_tail(state[0], 1)
-                if needle not in last_line or detect_status(spec, state[0]) == "processing":
-                    break
+            self._submit(terminal_id, pane, spec, message, enter_first=True)
             self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
             self._set_status(terminal_id, "processing", row["session_name"])
             self.watcher.poke(terminal_id)
         self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
                            (time.time(), terminal_id))
+
+    def _submit(self, terminal_id, pane, spec, message, enter_first):
+        """Press Enter until the message has left the agent's input line (3 tries)."""
+        needle = message.strip().split("\n")[-1].strip()[-24:]
+        for attempt in range(3):
+            if enter_first or attempt:
+                count = self.watcher.output_count(terminal_id)
+                tmux_keys(pane, "Enter")
+                self.watcher.wait_settled(terminal_id, count)
+            state = tmux_capture_state(pane)
+            if state is None or state[1]:
+                raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
+            if needle not in _screen_tail(state[0], 1) or \
+                    detect_status(spec, state[0]) == "processing":
+                return
+
+    def ensure_submitted(self, terminal_id, message):
+        """After a crash between paste and Enter: submit the text if it still waits."""
+        row = self.terminal_row(terminal_id)
+        with self.input_locks.setdefault(terminal_id, threading.Lock()):
+            self._submit(terminal_id, row["pane_id"], get_provider(row["provider"]), message,
+                         enter_first=False)
 
     def send_key(self, terminal_id, key):
         if not isinstance(key, str) or not KEY_RE.fullmatch(key):
@@ -1817,8 +1848,9 @@ class Inbox:
     """Durable messages between terminals: queued -> delivering -> delivered, or
     failed with a reason. A receiver gets its queue when its status turns idle or
     completed (never while busy); consecutive messages from one sender go in one
-    paste. Each row is marked delivering, with the receiver's log size, before the
-    paste, so after a crash the log tells whether the paste happened."""
+    paste. Each row is marked delivering before the
+    paste, and the paste keeps a tmux buffer named after the batch until the row is
+    delivered, so after a crash the buffer tells whether the paste happened."""
 
     def __init__(self, runtime):
         self.rt, self.store = runtime, runtime.store
@@ -1827,21 +1859,24 @@ class Inbox:
         self.guard = threading.Lock()
         runtime.status_listeners.append(self._on_status)
 
-    def _log_path(self, terminal_id):
-        return self.rt.home / "logs" / "terminal" / f"{terminal_id}.log"
-
     def recover(self):
-        """Settle rows a crash left in `delivering`, then deliver what is queued."""
-        for row in self.store.query("SELECT * FROM inbox WHERE status = 'delivering'"):
-            needle = row["message"].strip().split("\n")[0][:40].encode()
-            try:
-                with open(self._log_path(row["receiver_id"]), "rb") as f:
-                    f.seek(row["log_offset"] or 0)
-                    seen = needle in _visible_bytes(f.read())
-            except OSError:
-                seen = False
-            self._mark([row["id"]], "delivered" if seen else "queued",
-                       None if seen else "re-queued after a restart")
+        """Settle rows a crash left in `delivering`: the paste happened exactly when its
+        tmux buffer exists (then make sure it was submitted), else queue it again."""
+        batches = {}
+        for row in self.store.query("SELECT * FROM inbox WHERE status = 'delivering' ORDER BY id"):
+            batches.setdefault(row["batch_id"], []).append(row)
+        for batch_id, rows in batches.items():
+            ids = [r["id"] for r in rows]
+            buffer = f"cao-msg-{batch_id}"
+            if tmux_buffer_exists(buffer):
+                try:
+                    self.rt.ensure_submitted(rows[0]["receiver_id"], rows[-1]["message"])
+                    self._mark(ids, "delivered")
+                except CaoError as e:
+                    self._mark(ids, "failed", f"pasted before a restart, then: {e}")
+                tmux("delete-buffer", "-b", buffer, check=False)
+            else:
+                self._mark(ids, "queued", "re-queued after a restart")
         for row in self.store.query("SELECT DISTINCT receiver_id FROM inbox WHERE status = 'queued'"):
             self.kick(row["receiver_id"])
 
@@ -1916,15 +1951,12 @@ class Inbox:
                     break
                 batch.append(row)
             ids = [r["id"] for r in batch]
-            try:
-                offset = self._log_path(receiver_id).stat().st_size
-            except OSError:
-                offset = 0
             marks = ",".join("?" * len(ids))
-            self.store.execute(f"UPDATE inbox SET status = 'delivering', log_offset = ? "
-                               f"WHERE id IN ({marks})", (offset, *ids))
+            self.store.execute(f"UPDATE inbox SET status = 'delivering', batch_id = ? "
+                               f"WHERE id IN ({marks})", (ids[0], *ids))
+            buffer = f"cao-msg-{ids[0]}"
             try:
-                self.rt.send_input(receiver_id, "\n".join(r["message"] for r in batch))
+                self.rt.send_input(receiver_id, "\n".join(r["message"] for r in batch), buffer)
             except NotFound:
                 self._mark(ids, "failed", f"receiver {receiver_id} no longer exists")
                 return
@@ -1933,13 +1965,9 @@ class Inbox:
                 self.store.emit("message_failed", None, receiver_id, message_ids=ids, reason=str(e))
                 return
             self._mark(ids, "delivered")
+            tmux("delete-buffer", "-b", buffer, check=False)
             self.store.emit("message_delivered", None, receiver_id, message_ids=ids)
 
-
-def _visible_bytes(raw):
-    """Terminal output with escape sequences removed, for finding echoed text."""
-    return re.sub(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b.|[\r\x00-\x08]",
-                  b"", raw)
 
 
 ###############################################################################
