@@ -1185,7 +1185,7 @@ def _demo_audit(path, text, reader):
     busy_input = bool(reader.pending) or bool(select.select([reader.fd], [], [], 0)[0])
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"terminal_id": os.environ.get("CAO_TERMINAL_ID"), "input": text,
-                            "busy_input": busy_input}) + "\n")
+                            "busy_input": busy_input, "t": time.time()}) + "\n")
 
 
 def run_demo_agent(profile):
