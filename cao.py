@@ -119,6 +119,10 @@ def api_address():
     return host, int(port)
 
 
+def _flag(name, default):
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+
+
 def load_settings():
     path = cao_home() / "settings.json"
     try:
@@ -946,6 +950,9 @@ def tmux_pipe(pane, fifo):
 #             between the last `end` line and the `start` line above it
 #   exit      {"keys": [tmux key names]} or {"text": "/exit"}
 #   submit    {"enter_delay": seconds between paste and Enter}
+#   eager_input  true if the CLI safely queues input typed while it works; then,
+#             with CAO_EAGER_INBOX_DELIVERY=true, inbox messages need not wait
+#             for idle
 
 STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "unknown")
 READY_STATUSES = ("idle", "completed", "waiting_user_answer")
@@ -965,7 +972,7 @@ PROVIDERS = {
     },
 }
 _PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "status",
-                  "tail_lines", "answer", "exit", "submit"}
+                  "tail_lines", "answer", "exit", "submit", "eager_input"}
 
 
 def _check_provider(name, spec, origin):
@@ -1929,7 +1936,7 @@ class Inbox:
             with self.guard:
                 self.running.discard(receiver_id)
         # A status change that arrived while we ran found us busy: look once more.
-        if self.rt.status.get(receiver_id) in ("idle", "completed") and self.store.one(
+        if self._ready(receiver_id) and self.store.one(
                 "SELECT 1 AS x FROM inbox WHERE receiver_id = ? AND status = 'queued'", (receiver_id,)):
             self.kick(receiver_id)
 
@@ -1939,8 +1946,17 @@ class Inbox:
         self.store.execute(f"UPDATE inbox SET status = ?, reason = ?, delivered_at = ? "
                            f"WHERE id IN ({marks})", (status, reason, delivered, *ids))
 
+    def _ready(self, receiver_id):
+        status = self.rt.status.get(receiver_id)
+        if status in ("idle", "completed"):
+            return True
+        if status == "processing" and _flag("CAO_EAGER_INBOX_DELIVERY", "false"):
+            row = self.store.one("SELECT provider FROM terminals WHERE id = ?", (receiver_id,))
+            return bool(row and providers().get(row["provider"], {}).get("eager_input"))
+        return False
+
     def _deliver(self, receiver_id):
-        while self.rt.status.get(receiver_id) in ("idle", "completed"):
+        while self._ready(receiver_id):
             queued = self.store.query("SELECT * FROM inbox WHERE receiver_id = ? AND status = 'queued'"
                                       " ORDER BY id LIMIT 100", (receiver_id,))
             if not queued:
@@ -2397,10 +2413,6 @@ def wait_for_status(terminal_id, wanted, timeout, label):
 MCP_INSTRUCTIONS = ("Tools to delegate work to other agents of this cao session: handoff "
                     "(wait for a worker's answer), assign (start a worker; it reports back "
                     "with send_message) and send_message (to another terminal's inbox).")
-
-
-def _flag(name, default):
-    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
 
 
 def _caller():

@@ -88,3 +88,24 @@ def test_queued_messages_survive_kill_9(cao_env):
              timeout=20, what="delivery after restart")
     wait_for(lambda: _screen_answers(cao_env, b["id"]) == ["done: busy", "done: kept across a crash"],
              timeout=10, what="exactly one delivery")
+
+
+def test_eager_delivery_only_for_marked_providers_when_turned_on(cao_env):
+    import json
+    import cao
+    eager = dict(cao.PROVIDERS["demo"], eager_input=True)
+    cao_env.home.mkdir(parents=True, exist_ok=True)
+    (cao_env.home / "settings.json").write_text(json.dumps({"providers": {"eager": eager}}))
+    cao_env.env.update(CAO_DEMO_DELAY="3", CAO_EAGER_INBOX_DELIVERY="true")
+    cao_env.start_server()
+    a = _terminal(cao_env, "eager", new=True)
+    code, b = cao_env.request("POST", "/sessions/cao-eager/terminals?agent_profile=reviewer&provider=eager")
+    code, c = cao_env.request("POST", "/sessions/cao-eager/terminals?agent_profile=reviewer&provider=demo")
+    for term in (b, c):
+        cao_env.request("POST", f"/terminals/{term['id']}/input", {"message": "long job"})
+        cao_env.request("POST", f"/terminals/{term['id']}/inbox/messages",
+                        {"sender_id": a["id"], "message": "while busy"})
+    wait_for(lambda: [m["status"] for m in _messages(cao_env, b["id"])] == ["delivered"],
+             what="eager delivery to the marked provider")
+    assert cao_env.request("GET", f"/terminals/{b['id']}")[1]["status"] == "processing"
+    assert [m["status"] for m in _messages(cao_env, c["id"])] == ["queued"]  # demo is not marked
