@@ -80,3 +80,21 @@ def test_pip_install_gives_console_scripts(tmp_path, cao_env):
         assert code == 200
     finally:
         kill_pid(proc.pid)
+
+
+@pytest.mark.slow
+def test_pyz_with_vendored_mcp_serves_mcp_on_a_bare_python(cao_env, tmp_path):
+    out = tmp_path / "cao.pyz"
+    built = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--with-mcp", "-o", str(out)],
+                           capture_output=True, text=True)
+    if built.returncode and "No matching distribution" in built.stderr:
+        pytest.skip("mcp is not reachable (no package index)")
+    assert built.returncode == 0, built.stderr
+    env = dict(cao_env.env, XDG_CACHE_HOME=str(tmp_path / "cache"), CAO_TERMINAL_ID="abcdef12")
+    init = ('{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
+            '"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}\n')
+    proc = subprocess.run(BARE + [str(out), "mcp"], input=init, capture_output=True, text=True,
+                          env=env, timeout=120)
+    first = proc.stdout.splitlines()[0] if proc.stdout else proc.stderr
+    assert '"serverInfo"' in first and "cao-mcp-server" in first, first
+    assert list((tmp_path / "cache" / "cao").glob("vendor-*/.complete"))
