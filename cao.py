@@ -2746,6 +2746,24 @@ def cmd_session_send(args):
         return 130
 
 
+def cmd_session_inbox(args):
+    _, head = _conductor(args.session, args.terminal)
+    rows = api("GET", f"/terminals/{head['id']}/inbox/messages",
+               {"limit": args.limit, "status": args.status})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"No messages for terminal {head['id']}.")
+    else:
+        print(f"{'ID':>6} {'FROM':<10} {'STATUS':<11} {'CREATED':<20} MESSAGE")
+        for r in reversed(rows):
+            text = r["message"].split("\n")[0][:60]
+            reason = f"  ({r['reason']})" if r["reason"] else ""
+            print(f"{r['id']:>6} {r['sender_id']:<10} {r['status']:<11} {r['created_at']:<20} "
+                  f"{text}{reason}")
+    return 0
+
+
 def cmd_terminal_restore(args):
     terminal_id = check_terminal_id(args.terminal_id)
     logs = cao_home() / "logs" / "terminal"
@@ -2880,6 +2898,14 @@ def build_parser():
     x.add_argument("--async", dest="async_", action="store_true", help="do not wait")
     x.add_argument("--timeout", type=_positive, default=300, help="seconds to wait (default 300)")
     x.set_defaults(func=cmd_session_send)
+
+    x = ssub.add_parser("inbox", help="messages sent to a terminal and their delivery state")
+    x.add_argument("session")
+    x.add_argument("--terminal", help="a terminal id instead of the conductor")
+    x.add_argument("--status", choices=INBOX_STATES)
+    x.add_argument("--limit", type=int, default=20, choices=range(1, 101), metavar="1-100")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_session_inbox)
 
     s = sub.add_parser("terminal", help="terminal tools")
     tsub = s.add_subparsers(dest="terminal_command", metavar="SUBCOMMAND")

@@ -109,3 +109,18 @@ def test_eager_delivery_only_for_marked_providers_when_turned_on(cao_env):
              what="eager delivery to the marked provider")
     assert cao_env.request("GET", f"/terminals/{b['id']}")[1]["status"] == "processing"
     assert [m["status"] for m in _messages(cao_env, c["id"])] == ["queued"]  # demo is not marked
+
+
+def test_cli_shows_delivery_receipts(server):
+    a = _terminal(server, "cli", new=True)
+    b = _terminal(server, "cli", "reviewer")
+    server.request("POST", f"/terminals/{a['id']}/inbox/messages",
+                   {"sender_id": b["id"], "message": "status report"})
+    wait_for(lambda: "delivered" in server.run("session", "inbox", "cao-cli").stdout,
+             what="receipt in the CLI")
+    out = server.run("session", "inbox", "cao-cli").stdout
+    assert b["id"] in out and "status report" in out
+    rows = __import__("json").loads(server.run("session", "inbox", "cli", "--json").stdout)
+    assert [(r["sender_id"], r["status"]) for r in rows] == [(b["id"], "delivered")]
+    bad = server.run("session", "inbox", "cao-cli", "--status", "lost")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

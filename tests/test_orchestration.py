@@ -102,3 +102,18 @@ def test_mcp_offers_only_the_orchestration_tools_and_rejects_bad_input(server):
         assert result["success"] is False and text in (result.get("error") or result.get("message")), result
     assert [t["id"] for t in server.request("GET", "/sessions/cao-badmcp")[1]["terminals"]] == [sup["id"]]
     assert server.request("GET", f"/terminals/{sup['id']}/inbox/messages")[1] == []
+
+
+def test_handoff_timeout_keeps_the_worker_and_says_so(cao_env):
+    cao_env.env["CAO_DEMO_DELAY"] = "20"
+    cao_env.start_server()
+    code, sup = cao_env.request("POST", "/sessions?agent_profile=code_supervisor&provider=demo"
+                                        "&session_name=slowho")
+    assert code == 201
+    _, result = _call_tool(cao_env, "handoff", {"agent_profile": "developer", "message": "slow",
+                                                "timeout": 1}, sup["id"])
+    assert result["success"] is False and "timed out after 1 seconds" in result["message"]
+    worker = result["terminal_id"]
+    assert _status(cao_env, worker) == "processing"  # kept for inspection
+    _, deleted = _call_tool(cao_env, "delete_terminal", {"terminal_id": worker}, sup["id"])
+    assert deleted["success"] and cao_env.request("GET", f"/terminals/{worker}")[0] == 404
