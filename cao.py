@@ -1150,11 +1150,13 @@ def _demo_call_tool(name, arguments):
     async def call():
         params = StdioServerParameters(command=self_command()[0],
                                        args=self_command()[1:] + ["mcp"], env=dict(os.environ))
-        async with stdio_client(params) as (read, write):
-            async with ClientSession(read, write) as session:
-                await session.initialize()
-                result = await session.call_tool(name, arguments)
-                return json.loads(result.content[0].text)
+        # The server's stderr must not scribble on this agent's screen.
+        with open(ensure_home() / "logs" / "mcp.log", "a") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    result = await session.call_tool(name, arguments)
+                    return json.loads(result.content[0].text)
     return asyncio.run(call())
 
 
@@ -2363,8 +2365,9 @@ def api(method, path, params=None, body=None, timeout=60):
 class Progress:
     """A one-line spinner on stderr while waiting, shown only on a terminal."""
 
-    def __init__(self, label):
-        self.label, self.started, self.tty = label, time.monotonic(), sys.stderr.isatty()
+    def __init__(self, label, shown=True):
+        self.label, self.started = label, time.monotonic()
+        self.tty = shown and sys.stderr.isatty()
         self.frame = 0
 
     def update(self, status):
@@ -2381,9 +2384,9 @@ class Progress:
             sys.stderr.flush()
 
 
-def wait_for_status(terminal_id, wanted, timeout, label):
+def wait_for_status(terminal_id, wanted, timeout, label=None):
     """Follow /events until the terminal reaches one of `wanted`; returns the status."""
-    progress = Progress(label)
+    progress = Progress(label, shown=label is not None)
     deadline = time.monotonic() + timeout
     cursor = api("GET", "/events")["next"]
     try:
@@ -2444,7 +2447,7 @@ def mcp_handoff(agent_profile, message, timeout=600, working_directory=None):
     wid = worker["id"]
     api("POST", f"/terminals/{wid}/input", body={"message": message})
     try:
-        status = wait_for_status(wid, DONE_STATUSES, timeout, f"worker {wid}")
+        status = wait_for_status(wid, DONE_STATUSES, timeout)  # no progress: stderr may be a pane
     except CaoError:
         return {"success": False, "output": None, "terminal_id": wid,
                 "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "

@@ -55,14 +55,19 @@ case ":$PATH:" in *":$BIN_DIR:"*) ;; *) say "add $BIN_DIR to your PATH: export P
 if [ "$mode" = "--demo" ]; then
   cao="$BIN_DIR/cao"
   workdir="${TMPDIR:-/tmp}/cao-demo"; mkdir -p "$workdir"; cd "$workdir"
-  say "demo: launching the demo agent headless and sending it a task"
-  "$cao" launch --agents developer --provider demo --headless --session-name demo \
-    "Summarise the plan for the demo"
-  say "demo: session status"
-  "$cao" session status cao-demo
-  say "demo: a second message to the same agent"
-  "$cao" session send cao-demo "Second task: list the open questions"
+  say "demo: launching a supervisor (demo agent, no LLM needed)"
+  "$cao" launch --agents code_supervisor --provider demo --headless --session-name demo
+  say "demo: the supervisor hands a task to a developer and waits for the answer (handoff)"
+  "$cao" session send cao-demo "/handoff developer write the parser"
+  say "demo: the supervisor assigns a review; the reviewer reports back by send_message"
+  "$cao" session send cao-demo "/assign reviewer /send - review done, two nits"
+  for _ in $(seq 50); do
+    "$cao" session inbox cao-demo --status delivered | grep -q "review done" && break
+    sleep 0.2
+  done
+  "$cao" session inbox cao-demo
+  "$cao" session status cao-demo --workers
   say "demo: shutting the session down"
   "$cao" shutdown --session cao-demo
-  say "done. Try it yourself: cd a project; cao launch --agents developer --provider demo"
+  say "done. Attach to a live session with: cao launch --agents code_supervisor --provider demo"
 fi

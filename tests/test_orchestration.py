@@ -50,6 +50,8 @@ def _call_tool(env, name, arguments, terminal_id=None):
 def test_handoff_returns_the_workers_answer_and_removes_it(server):
     sup = _session(server, "ho")
     assert _ask(server, sup["id"], "/handoff developer build the parser") == "done: done: build the parser"
+    screen = server.request("GET", f"/terminals/{sup['id']}/output")[1]["output"]
+    assert "worker " not in screen  # nothing but the agent itself draws on its screen
     terms = server.request("GET", "/sessions/cao-ho")[1]["terminals"]
     assert [t["id"] for t in terms] == [sup["id"]]  # the worker window is gone
     snaps = list((server.home / "logs" / "terminal").glob("*.snapshot.json"))
