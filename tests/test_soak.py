@@ -27,11 +27,18 @@ def _post_until_stored(env, receiver, sender, token, stop):
             assert code == 200, reply
             return
         except (OSError, http.client.HTTPException):
-            # The server died mid-request: the row may or may not be stored.
-            wait_for(env.healthy, 30, what="server back")
-            rows = env.request("GET", f"/terminals/{receiver}/inbox/messages?limit=100")[1]
-            if any(r["message"].startswith(token + " ") for r in rows):
-                return
+            pass
+        # The server died mid-request: the row may or may not be stored. Ask the
+        # next server (which may die too, so keep asking).
+        while True:
+            try:
+                wait_for(env.healthy, 30, what="server back")
+                rows = env.request("GET", f"/terminals/{receiver}/inbox/messages?limit=100")[1]
+                break
+            except (OSError, http.client.HTTPException):
+                continue
+        if any(r["message"].startswith(token + " ") for r in rows):
+            return
 
 
 def test_exactly_once_across_kill_9(cao_env, tmp_path):
