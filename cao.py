@@ -83,6 +83,10 @@ class ServerUnavailable(CaoError):
     status = 503
 
 
+class WaitTimeout(CaoError):
+    status = 504
+
+
 ###############################################################################
 # Paths and config ############################################################
 ###############################################################################
@@ -120,7 +124,8 @@ def api_address():
 
 
 def _flag(name, default):
-    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off")
+    value = os.environ.get(name, "").strip().lower() or default
+    return value not in ("0", "false", "no", "off")
 
 
 def load_settings():
@@ -1503,7 +1508,8 @@ class Runtime:
         for row in self.store.query("SELECT * FROM terminals"):
             pane = panes.get(row["pane_id"] or "")
             if pane and pane["session"] == row["session_name"]:
-                self.status[row["id"]] = row["status"]
+                # The saved status may be stale; the first screen read sets the real one.
+                self.status[row["id"]] = "unknown"
                 self.watcher.add(row["id"], row["pane_id"])
             else:
                 self._forget(row["id"], "its tmux window is gone")
@@ -1731,9 +1737,7 @@ class Runtime:
             if delay:
                 time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
             self._submit(terminal_id, pane, spec, message, enter_first=True)
-            self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
-            self._set_status(terminal_id, "processing", row["session_name"])
-            self.watcher.poke(terminal_id)
+            self._submitted(terminal_id, row["session_name"])
         self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
                            (time.time(), terminal_id))
 
@@ -1752,12 +1756,19 @@ class Runtime:
                     detect_status(spec, state[0]) == "processing":
                 return
 
+    def _submitted(self, terminal_id, session_name):
+        """The agent took new input: it is busy until its screen says otherwise."""
+        self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
+        self._set_status(terminal_id, "processing", session_name)
+        self.watcher.poke(terminal_id)
+
     def ensure_submitted(self, terminal_id, message):
         """After a crash between paste and Enter: submit the text if it still waits."""
         row = self.terminal_row(terminal_id)
         with self.input_locks.setdefault(terminal_id, threading.Lock()):
             self._submit(terminal_id, row["pane_id"], get_provider(row["provider"]), message,
                          enter_first=False)
+            self._submitted(terminal_id, row["session_name"])
 
     def send_key(self, terminal_id, key):
         if not isinstance(key, str) or not KEY_RE.fullmatch(key):
@@ -1824,6 +1835,9 @@ class Runtime:
         if not row:
             return
         self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
+        self.store.execute("UPDATE inbox SET status = 'failed', reason = ? WHERE receiver_id = ?"
+                           " AND status IN ('queued', 'delivering')",
+                           (f"receiver {terminal_id} was removed ({reason})", terminal_id))
         self.store.emit("terminal_deleted", row["session_name"], terminal_id, reason=reason)
         if not self.store.one("SELECT 1 AS x FROM terminals WHERE session_name = ?",
                               (row["session_name"],)):
@@ -1898,6 +1912,8 @@ class Inbox:
         if sender_id == receiver_id:
             raise CaoError("a terminal cannot send a message to itself; pick another receiver_id")
         self.rt.terminal_row(receiver_id)
+        if self.rt.status.get(receiver_id) == "error":
+            raise Conflict(f"terminal {receiver_id}'s agent has exited; it cannot take messages")
         now = time.time()
         message_id = self.store.insert(
             "INSERT INTO inbox(sender_id, receiver_id, message, status, created_at)"
@@ -1930,6 +1946,10 @@ class Inbox:
     def _on_status(self, terminal_id, status):
         if status in ("idle", "completed"):
             self.kick(terminal_id)
+        elif status == "error":
+            self.store.execute("UPDATE inbox SET status = 'failed', reason = ? WHERE receiver_id = ?"
+                               " AND status = 'queued'",
+                               (f"receiver {terminal_id}'s agent has exited", terminal_id))
 
     def _run(self, receiver_id):
         try:
@@ -2397,7 +2417,7 @@ def wait_for_status(terminal_id, wanted, timeout, label=None):
                 return status
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise CaoError(f"timed out after {timeout:g} s waiting for terminal {terminal_id} "
+                raise WaitTimeout(f"timed out after {timeout:g} s waiting for terminal {terminal_id} "
                                f"(status {status}); check it with `cao session status`")
             wait = min(remaining, 2.0 if progress.tty else 20.0)
             cursor = api("GET", "/events", {"after": cursor, "wait": f"{wait:.2f}"},
@@ -2448,7 +2468,7 @@ def mcp_handoff(agent_profile, message, timeout=600, working_directory=None):
     api("POST", f"/terminals/{wid}/input", body={"message": message})
     try:
         status = wait_for_status(wid, DONE_STATUSES, timeout)  # no progress: stderr may be a pane
-    except CaoError:
+    except WaitTimeout:
         return {"success": False, "output": None, "terminal_id": wid,
                 "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "
                            "so you can inspect it (delete_terminal when done)"}

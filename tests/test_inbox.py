@@ -124,3 +124,26 @@ def test_cli_shows_delivery_receipts(server):
     assert [(r["sender_id"], r["status"]) for r in rows] == [(b["id"], "delivered")]
     bad = server.run("session", "inbox", "cao-cli", "--status", "lost")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_messages_to_a_dead_or_removed_receiver_fail_visibly(cao_env):
+    cao_env.env["CAO_DEMO_DELAY"] = "3"
+    cao_env.start_server()
+    a = _terminal(cao_env, "dead", new=True)
+    b = _terminal(cao_env, "dead", "reviewer")
+    c = _terminal(cao_env, "dead", "reviewer")
+    for receiver in (b, c):
+        cao_env.request("POST", f"/terminals/{receiver['id']}/input", {"message": "busy"})
+        cao_env.request("POST", f"/terminals/{receiver['id']}/inbox/messages",
+                        {"sender_id": a["id"], "message": "will not arrive"})
+    cao_env.request("POST", f"/terminals/{b['id']}/key?key=C-c")  # the demo agent exits
+    wait_for(lambda: [(m["status"], m["reason"]) for m in _messages(cao_env, b["id"])] ==
+             [("failed", f"receiver {b['id']}'s agent has exited")], what="failed receipt")
+    code, body = cao_env.request("POST", f"/terminals/{b['id']}/inbox/messages",
+                                 {"sender_id": a["id"], "message": "too late"})
+    assert code == 409 and "has exited" in body["detail"]
+    cao_env.request("DELETE", f"/terminals/{c['id']}")
+    import sqlite3
+    db = sqlite3.connect(cao_env.home / "db" / "cao.db")
+    rows = db.execute("SELECT status, reason FROM inbox WHERE receiver_id = ?", (c["id"],)).fetchall()
+    assert rows == [("failed", f"receiver {c['id']} was removed (deleted)")]

@@ -53,7 +53,8 @@ def test_kill_9_of_the_server_loses_nothing(cao_env):
     code, info = cao_env.request("GET", "/sessions/cao-durable")
     assert code == 200
     assert [t["id"] for t in info["terminals"]] == [term["id"]]
-    assert info["terminals"][0]["status"] == "completed"
+    wait_for(lambda: cao_env.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
+             what="status re-read from the screen after restart")
     # The restarted server re-attached its status stream: a new turn is seen.
     assert cao_env.request("POST", f"/terminals/{term['id']}/input", {"message": "after"})[0] == 200
     wait_for(lambda: cao_env.request("GET", f"/terminals/{term['id']}/output?mode=last")[1]
