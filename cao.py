@@ -1106,15 +1106,31 @@ class _DemoInput:
     def __init__(self, fd):
         self.fd, self.pending = fd, b""
 
+    PASTE_MARKS = (b"\x1b[200~", b"\x1b[201~")
+
+    def _next_chunk(self):
+        """Pending bytes plus fresh reads, never ending inside a paste marker (a
+        marker split across two reads would otherwise leave the paste open)."""
+        data = self.pending
+        while not data or self._ends_mid_marker(data):
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def _ends_mid_marker(self, data):
+        tail = data[-5:]
+        partial = tail[tail.rfind(b"\x1b"):] if b"\x1b" in tail else b""
+        return any(m.startswith(partial) and m != partial for m in self.PASTE_MARKS) if partial else False
+
     def read(self):
         buf, in_paste = [], False
         while True:
-            if not self.pending:
-                chunk = os.read(self.fd, 4096)
-                if not chunk:
-                    return None
-                self.pending = chunk
-            data, self.pending = self.pending, b""
+            data = self._next_chunk()
+            if data is None:
+                return None
+            self.pending = b""
             i = 0
             while i < len(data):
                 if data.startswith(b"\x1b[200~", i):
@@ -1755,6 +1771,8 @@ class Runtime:
             if needle not in _screen_tail(state[0], 1) or \
                     detect_status(spec, state[0]) == "processing":
                 return
+        raise Conflict(f"terminal {terminal_id} did not take the input: it is still in the agent's "
+                       "input line after 3 Enters; look with tmux attach")
 
     def _submitted(self, terminal_id, session_name):
         """The agent took new input: it is busy until its screen says otherwise."""

@@ -103,4 +103,10 @@ def test_exactly_once_across_kill_9(cao_env, tmp_path):
     print(f"\nsoak: {MESSAGES} messages, {AGENTS} agents, {KILLS} kill -9 restarts: "
           f"{len(counts)} delivered, {len(duplicates)} duplicated, {len(missing)} missing, "
           f"{busy} inputs into a busy agent")
+    if missing:  # say where a lost message was last seen
+        import sqlite3
+        db = sqlite3.connect(cao_env.home / "db" / "cao.db")
+        for token in missing:
+            print(token, db.execute("SELECT id, receiver_id, status, reason, batch_id FROM inbox "
+                                    "WHERE message LIKE ?", (token + " %",)).fetchall())
     assert not missing and not duplicates and busy == 0
