@@ -888,11 +888,13 @@ def tmux_capture_state(pane):
 
 def tmux_paste(pane, text, keep_buffer=None):
     """Paste text as one bracketed paste (tmux adds the markers if the app asked).
-    With keep_buffer, the named buffer outlives the paste: one tmux command list
-    loads and pastes, so the buffer's existence proves the paste happened."""
-    buf = keep_buffer or "cao-" + uuid.uuid4().hex[:12]
-    tmux("load-buffer", "-b", buf, "-", ";", "paste-buffer", "-p", *([] if keep_buffer else ["-d"]),
-         "-b", buf, "-t", pane, input=text.encode())
+    With keep_buffer, a buffer of that name is set in the same command list as the
+    paste, so its existence proves the paste happened (loading from stdin is
+    asynchronous in tmux, so the text goes in by a separate, finished call)."""
+    buf = "cao-" + uuid.uuid4().hex[:12]
+    tmux("load-buffer", "-b", buf, "-", input=text.encode())
+    marker = [";", "set-buffer", "-b", keep_buffer, "pasted"] if keep_buffer else []
+    tmux("paste-buffer", "-p", "-d", "-b", buf, "-t", pane, *marker)
 
 
 def tmux_buffer_exists(name):
