@@ -1897,9 +1897,10 @@ class Inbox:
 
     def __init__(self, runtime):
         self.rt, self.store = runtime, runtime.store
-        self.locks = {}
         self.running = set()
         self.guard = threading.Lock()
+        # No delivery may start before recovery has settled what a crash left behind.
+        self.recovered = threading.Event()
         runtime.status_listeners.append(self._on_status)
 
     def recover(self):
@@ -1920,6 +1921,7 @@ class Inbox:
                 tmux("delete-buffer", "-b", buffer, check=False)
             else:
                 self._mark(ids, "queued", "re-queued after a restart")
+        self.recovered.set()
         for row in self.store.query("SELECT DISTINCT receiver_id FROM inbox WHERE status = 'queued'"):
             self.kick(row["receiver_id"])
 
@@ -1972,6 +1974,7 @@ class Inbox:
                                (f"receiver {terminal_id}'s agent has exited", terminal_id))
 
     def _run(self, receiver_id):
+        self.recovered.wait()
         try:
             self._deliver(receiver_id)
         finally:
