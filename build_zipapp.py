@@ -11,7 +11,6 @@ cao extracts _vendor/ once to ~/.cache/cao/vendor-<hash>/ on first use; the pyz
 is then tied to this Python version and platform (see docs/packaging.md).
 """
 import argparse
-import os
 import py_compile
 import shutil
 import subprocess

@@ -23,7 +23,6 @@ Map of this file (each section uses only the sections above it):
 """
 
 import argparse
-import base64
 import http.client
 import http.server
 import ipaddress
@@ -860,11 +859,9 @@ def tmux_spawn(session, window, cwd, env, argv, new_session):
     return pane
 
 
-def tmux_capture(pane, history=None, escapes=False):
+def tmux_capture(pane, history=None):
     """The pane's text; history=None gives the visible screen, 'all' everything."""
     args = ["capture-pane", "-p", "-J", "-t", pane]
-    if escapes:
-        args.append("-e")
     if history == "all":
         args += ["-S", "-", "-E", "-"]
     elif history:
@@ -963,6 +960,7 @@ def tmux_pipe(pane, fifo):
 
 STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "unknown")
 READY_STATUSES = ("idle", "completed", "waiting_user_answer")
+LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory")
 
 PROVIDERS = {
     "demo": {
@@ -1042,9 +1040,6 @@ def get_provider(name):
 def provider_installed(spec):
     binary = spec.get("binary")
     return binary is None or shutil.which(binary) is not None
-
-
-LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory")
 
 
 def launch_argv(spec, fields, yolo):
@@ -2055,10 +2050,6 @@ class Request:
         if required:
             raise CaoError(f"missing required parameter {name!r}")
         return default
-
-    def flag(self, name):
-        value = self.arg(name, "false")
-        return value is True or str(value).lower() in ("1", "true", "yes")
 
     def number(self, name, default, low, high):
         value = self.arg(name, default)

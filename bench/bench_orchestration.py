@@ -17,7 +17,6 @@ Target for MCP start: <= 0.6 s.
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time

@@ -34,7 +34,7 @@ def cpu_seconds(pid):
 
 
 def helper_pids(fifo_dir):
-    pids, me = [], str(os.getpid())
+    pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:  # the helpers are `cat >> <fifo>`: find them by their open fifo
@@ -97,7 +97,7 @@ def main():
             latencies.append((done_ts - printed) * 1000)
 
         for i in range(idle_terms - 1):
-            api("POST", f"/sessions/cao-lat/terminals?agent_profile=reviewer&provider=bench")
+            api("POST", "/sessions/cao-lat/terminals?agent_profile=reviewer&provider=bench")
         time.sleep(2)  # let start-up output settle before the quiet window
         cats = helper_pids(home / "fifos")
         before = cpu_seconds(server) + sum(cpu_seconds(p) for p in cats)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime
-import hashlib
 import math
 import os
 import platform
@@ -998,7 +997,6 @@ def main() -> int:
           f"p50 {ms(pct(cap['ctl'], 50))} p99 {ms(pct(cap['ctl'], 99))} ms")
 
     # verdict
-    p = R["pipe"]
     best_ctl = min(("ctl-session", "ctl-linked"), key=lambda k: pct(R[k]["lat"]["samples"], 99))
     cap50, cap99 = pct(cap["sub"], 50), pct(cap["sub"], 99)
     tot = {k: (pct(R[k]["lat"]["samples"], 50) + cap50, pct(R[k]["lat"]["samples"], 99) + cap99) for k in MECHS}

@@ -2,8 +2,6 @@
 spawn `cao mcp` with the MCP SDK's client, exactly as an agent CLI would."""
 import asyncio
 import json
-import os
-import sys
 
 import pytest
 

@@ -1,5 +1,4 @@
 """cao.pyz runs on a bare CPython (no site-packages) and pip install gives the scripts."""
-import os
 import shutil
 import subprocess
 import sys
