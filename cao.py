@@ -36,9 +36,9 @@ import shutil
 import signal
 import socket
 import sqlite3
-import string
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import traceback
@@ -95,7 +95,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9889
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 TERMINAL_ID_RE = re.compile(r"[0-9a-f]{8}")
 PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-HOME_SUBDIRS = ("db", "logs", "logs/terminal", "agent-store", "agent-context", "skills",
+HOME_SUBDIRS = ("db", "logs", "logs/terminal", "agent-store", "agent-context", "skills", "terminals",
                 "flows", "fifos")
 # A user switching from upstream keeps the profiles installed there.
 UPSTREAM_HOME = Path("~/.aws/cli-agent-orchestrator").expanduser()
@@ -938,29 +938,63 @@ def tmux_pipe(pane, fifo):
 ###############################################################################
 
 # A provider is data: how to launch its CLI from a profile, how its screen looks
-# in each state, where its last answer is, and how to make it exit. The logic
-# that uses these fields lives once, in the terminals section. Users add entries
-# under "providers" in settings.json with the same fields.
+# in each state, where its last answer is, how to get past its first-run dialogs
+# and how to make it exit. The logic that uses these fields lives once, here and
+# in the terminals section. Users add or override entries under "providers" in
+# settings.json with the same fields.
 #
-#   command   argv template; "{cao}" expands to this program, other {fields} to
-#             profile values: profile, system_prompt, model, terminal_id
-#   binary    executable that must be on PATH; install: how to get it
-#   args      extra argv per profile feature, added when the feature is set:
-#             system_prompt, model, yolo (allowed tools "*")
-#   env       extra environment for the CLI (templates as in command)
-#   status    ordered [status, regex] pairs tried on the last tail_lines lines of
-#             the screen (re.M); first match wins
-#   answer    start/end regexes around the last answer: the answer is the text
-#             between the last `end` line and the `start` line above it
+#   command   argv template (see Templates below)
+#   binary    executable that must be on PATH (default: command[0]); install:
+#             the command that installs it
+#   args      {feature: [argv templates]}, appended when the feature is on:
+#             always, system_prompt, model, yolo (allowed tools "*"),
+#             restricted (an explicit allowed-tools list)
+#   env       {NAME: template}; {"when": feature, "value": template} sets it
+#             only when the feature is on
+#   files     {name: template} written into the terminal's own directory
+#             ({context_dir}) before the CLI starts; "when" works as in env
+#   tools     {cao tool name: [the CLI's own names]} for execute_bash, fs_read,
+#             fs_write, fs_list and web_fetch; without it restrictions are soft
+#             (the system prompt lists the allowed tools)
+#   status    ordered [status, regex] pairs tried on the last tail_lines
+#             non-empty screen lines (re.M); the first match wins
+#   answer    start/end regexes: the answer is the text after the last `start`
+#             line that has an `end` line below it, up to that `end` line;
+#             keep_start: the start line is the answer's first line (its
+#             marker and the hanging indent of the next lines are removed)
+#   dialogs   [regex, [keys]]: first-run questions (trust this folder, use this
+#             key) answered with tmux keys whenever the screen shows them
 #   exit      {"keys": [tmux key names]} or {"text": "/exit"}
 #   submit    {"enter_delay": seconds between paste and Enter}
 #   eager_input  true if the CLI safely queues input typed while it works; then,
 #             with CAO_EAGER_INBOX_DELIVERY=true, inbox messages need not wait
 #             for idle
+#
+# Templates are strings with {field}s: profile, terminal_id, system_prompt,
+# model, working_directory, context_dir, mcp_command, hook_command (strings);
+# cao, mcp_args, mcp_argv, hook, disallowed_tools (lists); mcp_env, mcp_servers (objects).
+# A string that is exactly one list or object field becomes that value (a list
+# splices into argv). {"json": value} and {"toml": value}, with an optional
+# "prefix", render a structure after filling its fields. Native signals: a CLI
+# that runs `{hook} <status>` when its turn starts, ends or needs approval (Claude
+# Code hooks, Codex notify) tells cao its state beside the screen.
 
 STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "unknown")
 READY_STATUSES = ("idle", "completed", "waiting_user_answer")
-LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory")
+LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory",
+                 "context_dir", "mcp_command", "hook_command", "cao", "mcp_args", "mcp_argv", "hook",
+                 "disallowed_tools", "mcp_env", "mcp_servers")
+FEATURES = ("always", "system_prompt", "model", "yolo", "restricted")
+CAO_MCP_NAME = "cao-mcp-server"
+TOOL_GROUPS = {"fs_*": ("fs_read", "fs_write", "fs_list"),
+               "@builtin": ("execute_bash", "fs_read", "fs_write", "fs_list", "web_fetch")}
+ROLE_TOOLS = {"supervisor": ["@cao-mcp-server", "fs_read", "fs_list"],
+              "reviewer": ["@builtin", "fs_read", "fs_list", "@cao-mcp-server"],
+              "developer": ["@builtin", "fs_*", "execute_bash", "web_fetch", "@cao-mcp-server"]}
+_TEMPLATE_FIELD = re.compile(r"\{([a-z_]+)\}")
+_ENTER = ["Enter"]
+_SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · esc to cancel)\)"
+_RULE = r"^\s*[─━]{20,}"
 
 PROVIDERS = {
     "demo": {
@@ -975,45 +1009,311 @@ PROVIDERS = {
         "answer": {"start": r"^> \S", "end": r"^>( .*)?$"},
         "exit": {"keys": ["C-d"]},
     },
+    "claude_code": {
+        "description": "Claude Code (Anthropic)",
+        "command": ["claude"],
+        "install": "npm install -g @anthropic-ai/claude-code",
+        "args": {
+            "always": [
+                "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
+                "--allowedTools", "mcp__" + CAO_MCP_NAME,
+                "--settings", {"json": {"skipDangerousModePermissionPrompt": True, "hooks": {
+                    "UserPromptSubmit": [{"hooks": [{"type": "command",
+                                                     "command": "{hook_command} processing"}]}],
+                    "Stop": [{"hooks": [{"type": "command", "command": "{hook_command} completed"}]}],
+                    "Notification": [{"matcher": "permission_prompt", "hooks": [{
+                        "type": "command", "command": "{hook_command} waiting_user_answer"}]}]}}}],
+            "system_prompt": ["--append-system-prompt", "{system_prompt}"],
+            "model": ["--model", "{model}"],
+            "yolo": ["--dangerously-skip-permissions"],
+            "restricted": ["--disallowedTools={disallowed_tools}"],
+        },
+        # Root may use --dangerously-skip-permissions only inside a declared sandbox.
+        "env": {"IS_SANDBOX": {"when": "yolo", "value": "1"}, "MCP_TOOL_TIMEOUT": "86400000",
+                "DISABLE_AUTOUPDATER": "1"},
+        "tools": {"execute_bash": ["Bash", "BashOutput", "KillShell", "Task", "Agent", "Monitor"],
+                  "fs_read": ["Read"], "fs_write": ["Edit", "Write", "NotebookEdit"],
+                  "fs_list": ["Glob", "Grep"], "web_fetch": ["WebFetch", "WebSearch"]},
+        "status": [
+            ["waiting_user_answer", r"^\s*Do you want to (proceed|make this edit|create|allow|use)"
+                                    r"|^\s*❯ 1\. Yes"],
+            ["processing", r"esc to interrupt"],
+            ["completed", r"^[✻✢✳✶✽·*] \S+ for \d"],
+            ["idle", r"^❯|\? for shortcuts|bypass permissions on"],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^● ", "keep_start": True,
+                   "end": r"^[✻✢✳✶✽·*] \S+ for \d|" + _RULE[1:] + r"|^❯"},
+        "dialogs": [[r"Yes, I trust this folder", _ENTER],
+                    [r"Do you want to use this API key\?", ["Up", "Enter"]],
+                    [r"Yes, I accept", ["Down", "Enter"]]],
+        "exit": {"text": "/exit"},
+    },
+    "codex": {
+        "description": "Codex CLI (OpenAI)",
+        # --no-daemon: otherwise Codex leaves an app-server daemon running after it exits.
+        "command": ["codex", "--no-daemon"],
+        "install": "npm install -g @openai/codex",
+        "args": {
+            "always": [
+                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.command=", "toml": "{mcp_command}"},
+                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.args=", "toml": "{mcp_args}"},
+                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.env=", "toml": "{mcp_env}"},
+                "-c", f"mcp_servers.{CAO_MCP_NAME}.tool_timeout_sec=86400",
+                "-c", f'mcp_servers.{CAO_MCP_NAME}.default_tools_approval_mode="approve"',
+                "-c", {"prefix": "notify=", "toml": "{hook}"},
+                "-c", "check_for_update_on_startup=false"],
+            "system_prompt": ["-c", {"prefix": "developer_instructions=", "toml": "{system_prompt}"}],
+            "model": ["--model", "{model}"],
+            "yolo": ["--dangerously-bypass-approvals-and-sandbox"],
+        },
+        "status": [
+            ["waiting_user_answer", r"^\s*(Allow .* to run tool|Would you like to run)"
+                                    r"|enter to submit \| esc to cancel|^\s*› 1\. (Allow|Yes)"],
+            ["processing", r"esc to interrupt\)"],
+            ["completed", r"^\s*(─ )?Worked for \d"],
+            ["idle", r"\? for shortcuts|^› "],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^• ", "keep_start": True, "end": r"^\s*(─ )?Worked for \d|^› "},
+        "dialogs": [[r"Trust this folder\?|1\. Trust and continue", _ENTER]],
+        "exit": {"keys": ["C-c"]},
+    },
+    "gemini_cli": {
+        "description": "Gemini CLI (Google)",
+        "command": ["gemini"],
+        "install": "npm install -g @google/gemini-cli",
+        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        "env": {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
+                "GEMINI_SYSTEM_MD": {"when": "system_prompt", "value": "{context_dir}/system.md"}},
+        "files": {
+            "settings.json": {"json": {"mcpServers": {CAO_MCP_NAME: {
+                "command": "{mcp_command}", "args": "{mcp_args}", "env": "{mcp_env}",
+                "timeout": 86400000, "trust": True}},
+                "tools": {"exclude": "{disallowed_tools}"}}},
+            "system.md": {"when": "system_prompt", "value": "{system_prompt}"},
+        },
+        "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file", "read_many_files"],
+                  "fs_write": ["write_file", "replace"],
+                  "fs_list": ["list_directory", "glob", "search_file_content"],
+                  "web_fetch": ["web_fetch", "google_web_search"]},
+        "status": [
+            ["waiting_user_answer", r"Action Required|^\W*● 1\. Allow"],
+            ["processing", _SPINNER_TIMER],
+            ["completed", r"^\s*✦ "],
+            ["idle", r"Type your message"],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^\s*✦ ", "keep_start": True, "end": _RULE + r"|^\s*> "},
+        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
+        "exit": {"text": "/quit"},
+    },
 }
-_PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "status",
-                  "tail_lines", "answer", "exit", "submit", "eager_input"}
+PROVIDERS["qwen_code"] = {
+    **PROVIDERS["gemini_cli"],
+    "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
+    "command": ["qwen"],
+    "install": "npm install -g @qwen-code/qwen-code",
+    "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
+                        "--allowed-mcp-server-names", "*"],
+             "system_prompt": ["--append-system-prompt", "{system_prompt}"],
+             "model": ["--model", "{model}"], "yolo": ["--yolo"],
+             "restricted": ["--exclude-tools", "{disallowed_tools}"]},
+    "env": {}, "files": {},
+    "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
+              "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],
+              "web_fetch": ["web_fetch"]},
+    "status": [
+        ["waiting_user_answer", r"Waiting for user confirmation|^\W*› 1\. Yes"],
+        ["processing", _SPINNER_TIMER],
+        ["completed", r"^\s*✦ "],
+        ["idle", r"Type your message|\? for shortcuts"],
+    ],
+}
+PROVIDERS.update({
+    "opencode_cli": {
+        "description": "opencode (sst)",
+        "command": ["opencode"],
+        "install": "npm install -g opencode-ai",
+        "args": {"model": ["--model", "{model}"]},
+        "env": {"OPENCODE_CONFIG_CONTENT": {"json": {
+                    "mcp": {CAO_MCP_NAME: {"type": "local", "command": "{mcp_argv}",
+                                           "environment": "{mcp_env}", "timeout": 86400000}},
+                    "instructions": ["{context_dir}/system.md"]}},
+                "OPENCODE_PERMISSION": {"when": "yolo", "value": '"allow"'},
+                "OPENCODE_DISABLE_AUTOUPDATE": "1"},
+        "files": {"system.md": "{system_prompt}"},
+        "status": [
+            ["waiting_user_answer", r"Permission required|Allow once\s+Allow always"],
+            ["processing", r"esc interrupt"],
+            ["completed", r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$"],
+            ["idle", r"ctrl\+p commands|tab agents"],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^\s*┃", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$"},
+        "exit": {"keys": ["C-c"]},
+    },
+    "copilot_cli": {
+        "description": "GitHub Copilot CLI",
+        "command": ["copilot", "--no-auto-update"],
+        "install": "npm install -g @github/copilot",
+        "args": {"always": ["--additional-mcp-config", {"json": {"mcpServers": {CAO_MCP_NAME: {
+                                "type": "local", "command": "{mcp_command}", "args": "{mcp_args}",
+                                "env": "{mcp_env}", "tools": ["*"]}}}},
+                            "--allow-tool", CAO_MCP_NAME],
+                 "model": ["--model", "{model}"], "yolo": ["--allow-all"],
+                 "restricted": ["--deny-tool", "{disallowed_tools}"]},
+        "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
+        "files": {"AGENTS.md": {"when": "system_prompt", "value": "{system_prompt}"}},
+        "tools": {"execute_bash": ["shell"], "fs_read": ["read"], "fs_write": ["write"],
+                  "fs_list": ["list", "grep"]},
+        "status": [
+            ["waiting_user_answer", r"Do you want to (use this tool|run this command|allow)"
+                                    r"|↑/↓ to navigate"],
+            ["processing", r"^\s*○ Working|esc esc edit prompt"],
+            ["completed", r"^ ❯ \S.*\n(?:.*\n)*? ● "],
+            ["idle", r"open sidebar|^❯"],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions)", "keep_start": True,
+                   "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
+        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
+        "exit": {"text": "/exit"},
+    },
+    "kimi_cli": {
+        "description": "Kimi CLI (Moonshot; the Python kimi-cli 1.51)",
+        "command": ["kimi", "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
+        "install": "pip install kimi-cli==1.51.0  (Python >= 3.12)",
+        "args": {"system_prompt": ["--agent-file", "{context_dir}/agent.yaml"],
+                 "model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        "env": {"KIMI_CLI_NO_AUTO_UPDATE": "1"},
+        "files": {"agent.yaml": {"when": "system_prompt", "value": {"json": {
+            "version": 1, "agent": {"extend": "default",
+                                    "system_prompt_args": {"ROLE_ADDITIONAL": "{system_prompt}"}}}}}},
+        "status": [
+            ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
+            ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Using "],
+            ["completed", r"^• "],
+            ["idle", r"── input ──"],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^• ", "keep_start": True, "end": r"── input ──|^✨ "},
+        "exit": {"text": "/exit"},
+    },
+    "hermes": {
+        "description": "Hermes Agent (Nous Research)",
+        "command": ["hermes"],
+        "install": "pip install 'hermes-agent[mcp]'  (Python >= 3.12)",
+        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        "env": {"HERMES_EPHEMERAL_SYSTEM_PROMPT": {"when": "system_prompt", "value": "{system_prompt}"}},
+        "status": [
+            # A dangerous-command approval times out by itself after 60 s.
+            ["waiting_user_answer", r"Dangerous Command|↑/↓ to select, Enter to confirm|^⚠ ❯"],
+            ["processing", r"⏱ \d|msg=interrupt"],
+            ["completed", r"✓ \d+m?s\s*$"],
+            ["idle", r"^❯|⏲"],
+        ],
+        "tail_lines": 60,
+        "answer": {"start": r"^╭─ ⚕ ", "end": r"^╰─"},
+        "exit": {"text": "/exit"},
+    },
+    # Below: CLIs that no package registry here carries, so they are written from
+    # their documented screens and not run in CI; docs/providers marks them experimental.
+    "kiro_cli": {
+        "description": "Kiro CLI (AWS) - experimental",
+        "command": ["kiro-cli", "chat", "--trust-all-tools"],
+        "install": "see https://kiro.dev/docs/cli",
+        "args": {"model": ["--model", "{model}"]},
+        "status": [
+            ["waiting_user_answer", r"Allow this action\?|\[y/n/t\]|❯\s*No, exit"],
+            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking|esc to cancel"],
+            ["completed", r"^> \S[\s\S]*\n\S*> ?$"],
+            ["idle", r"[Aa]sk a question,? or describe a task|^\S*> ?$"],
+        ],
+        "tail_lines": 40,
+        "answer": {"start": r"^> \S", "keep_start": True, "end": r"^\S*> ?$"},
+        "dialogs": [[r"Kiro is running in trust all tools mode", ["Down", "Enter"]]],
+        "exit": {"text": "/quit"},
+    },
+    "q_cli": {
+        "description": "Amazon Q Developer CLI - experimental",
+        "command": ["q", "chat", "--trust-all-tools"],
+        "install": "see https://docs.aws.amazon.com/amazonq/latest/qdeveloper-ug/command-line.html",
+        "args": {"model": ["--model", "{model}"]},
+        "status": [
+            ["waiting_user_answer", r"Allow this action\?|\[y/n/t\]"],
+            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking"],
+            ["completed", r"^> \S[\s\S]*\n\S*> ?$"],
+            ["idle", r"^\S*> ?$"],
+        ],
+        "tail_lines": 40,
+        "answer": {"start": r"^> \S", "keep_start": True, "end": r"^\S*> ?$"},
+        "exit": {"text": "/quit"},
+    },
+    "cursor_cli": {
+        "description": "Cursor CLI (cursor-agent) - experimental",
+        "command": ["cursor-agent"],
+        "install": "curl https://cursor.com/install -fsS | bash",
+        "args": {"model": ["--model", "{model}"], "yolo": ["--force"]},
+        "status": [
+            ["waiting_user_answer", r"(?i)do you want to (allow|run)|approve this action|\[\s*y\s*/\s*n\s*\]"
+                                    r"|↑/↓ to navigate|do you trust (the )?files? in this folder"],
+            ["processing", r"ctrl\+c to stop|[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✶✢✽✻✳·].*…"],
+            ["completed", r"Add a follow-up"],
+            ["idle", r"Plan, search, build anything|^\s*[❯>]\s"],
+        ],
+        "tail_lines": 40,
+        "answer": {"start": _RULE, "end": _RULE},
+        "exit": {"text": "/exit"},
+    },
+})
+_PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
+                  "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input"}
+
+
+def _template_strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _template_strings(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _template_strings(item)
 
 
 def _check_provider(name, spec, origin):
     def bad(why):
         raise ConfigError(f"{origin}: provider {name!r}: {why}")
+
+    def check_regex(pattern, what):
+        try:
+            re.compile(pattern, re.M)
+        except (re.error, TypeError) as e:
+            bad(f"{what} {pattern!r}: {e}")
     unknown = set(spec) - _PROVIDER_KEYS
     if unknown:
         bad(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_PROVIDER_KEYS))}")
     cmd = spec.get("command")
-    if not (isinstance(cmd, list) and cmd and all(isinstance(a, str) for a in cmd)):
-        bad('"command" must be a non-empty list of strings')
-    templates = cmd + [a for args in spec.get("args", {}).values() for a in args] + \
-        list(spec.get("env", {}).values())
-    for template in templates:
-        if template == "{cao}":
-            continue
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except ValueError as e:
-            bad(f"template {template!r}: {e}; write literal braces as {{{{ }}}}")
-        if names - set(LAUNCH_FIELDS):
-            bad(f"template {template!r} uses {', '.join(sorted(names - set(LAUNCH_FIELDS)))}; "
+    if not (isinstance(cmd, list) and cmd):
+        bad('"command" must be a non-empty list')
+    args = spec.get("args", {})
+    if not isinstance(args, dict) or set(args) - set(FEATURES):
+        bad(f'"args" must map features ({", ".join(FEATURES)}) to argv lists')
+    for template in _template_strings([cmd, args, spec.get("env", {}), spec.get("files", {})]):
+        names = set(_TEMPLATE_FIELD.findall(template)) - set(LAUNCH_FIELDS)
+        if names:
+            bad(f"template {template!r} uses {', '.join(sorted(names))}; "
                 f"known fields: {', '.join(LAUNCH_FIELDS)}")
     for status, pattern in spec.get("status", []):
         if status not in STATUSES:
             bad(f"status {status!r} is not one of {', '.join(STATUSES)}")
-        try:
-            re.compile(pattern, re.M)
-        except re.error as e:
-            bad(f"status pattern {pattern!r}: {e}")
+        check_regex(pattern, "status pattern")
     for key in ("start", "end"):
         if key in spec.get("answer", {}):
-            try:
-                re.compile(spec["answer"][key], re.M)
-            except re.error as e:
-                bad(f"answer.{key}: {e}")
+            check_regex(spec["answer"][key], f"answer.{key}")
+    for pattern, keys in spec.get("dialogs", []):
+        check_regex(pattern, "dialog pattern")
     return spec
 
 
@@ -1037,22 +1337,82 @@ def get_provider(name):
     return table[name]
 
 
+def provider_binary(spec):
+    first = spec["command"][0]
+    return spec.get("binary") or (None if first == "{cao}" else first)
+
+
 def provider_installed(spec):
-    binary = spec.get("binary")
+    binary = provider_binary(spec)
     return binary is None or shutil.which(binary) is not None
 
 
-def launch_argv(spec, fields, yolo):
-    """The CLI's argv for a profile: command, then the args of each feature in use."""
-    def expand(template):
-        if template == "{cao}":
-            return self_command()
-        return [template.format_map(fields)]
-    argv = [a for t in spec["command"] for a in expand(t)]
+def resolve_tools(allowed):
+    """cao tool names (groups expanded) from an allowedTools list."""
+    names = set()
+    for item in allowed:
+        names.update(TOOL_GROUPS.get(item, (item,)))
+    return names
+
+
+def _toml(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value))
+
+
+def _fill(value, fields):
+    """A template with its {field}s filled in; see Templates above."""
+    if isinstance(value, str):
+        whole = _TEMPLATE_FIELD.fullmatch(value)
+        if whole and whole.group(1) in fields and not isinstance(fields[whole.group(1)], str):
+            return fields[whole.group(1)]
+
+        def text(m):
+            v = fields.get(m.group(1))
+            return m.group(0) if v is None else ",".join(v) if isinstance(v, list) else str(v)
+        return _TEMPLATE_FIELD.sub(text, value)
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            filled = _fill(item, fields)
+            out.extend(filled) if isinstance(item, str) and isinstance(filled, list) \
+                else out.append(filled)
+        return out
+    if isinstance(value, dict):
+        if "json" in value:
+            return value.get("prefix", "") + json.dumps(_fill(value["json"], fields),
+                                                        ensure_ascii=False)
+        if "toml" in value:
+            return value.get("prefix", "") + _toml(_fill(value["toml"], fields))
+        return {k: _fill(v, fields) for k, v in value.items()}
+    return value
+
+
+def _on(value, active):
+    """Unwrap {"when": feature, "value": v}: v when the feature is on, else None."""
+    if isinstance(value, dict) and "when" in value:
+        return value["value"] if value["when"] in active else None
+    return value
+
+
+def launch_plan(spec, fields):
+    """(argv, env, files) for a provider and the launch fields of one terminal."""
+    active = {"always"} | {f for f in FEATURES if fields.get(f)}
+    argv = _fill(list(spec["command"]), fields)
     for feature, template in spec.get("args", {}).items():
-        if feature == "yolo" and yolo or fields.get(feature):
-            argv += [a for t in template for a in expand(t)]
-    return argv
+        if feature in active:
+            argv += _fill(list(template), fields)
+    def chosen(table):
+        return {k: str(_fill(_on(t, active), fields)) for k, t in table.items()
+                if _on(t, active) is not None}
+    return [str(a) for a in argv], chosen(spec.get("env", {})), chosen(spec.get("files", {}))
 
 
 def _screen_tail(screen, count):
@@ -1068,25 +1428,40 @@ def detect_status(spec, screen):
     return "unknown"
 
 
+def pending_dialog(spec, screen):
+    """The keys that answer a first-run dialog shown on screen, or None."""
+    for pattern, keys in spec.get("dialogs", []):
+        if re.search(pattern, screen, re.M):
+            return keys
+    return None
+
+
 def extract_answer(spec, text):
     """The last answer on a screen/scrollback, or None when none is there."""
     answer = spec.get("answer")
     if not answer:
         return None
     lines = [line.rstrip() for line in text.split("\n")]
-    end_re, start_re = re.compile(answer["end"]), re.compile(answer["start"])
-    end = len(lines)
-    while end > 0 and not lines[end - 1]:
-        end -= 1
-    end -= 1
-    while end >= 0 and not end_re.match(lines[end]):
-        end -= 1
-    start = end - 1
-    while start >= 0 and not start_re.match(lines[start]):
-        start -= 1
-    if start < 0 or end - start < 2:
-        return None
-    return "\n".join(lines[start + 1:end]).strip("\n")
+    start_re, end_re = re.compile(answer["start"]), re.compile(answer["end"])
+    end = None
+    for i in range(len(lines) - 1, -1, -1):
+        if end is not None and start_re.search(lines[i]):
+            return _answer_text(lines, i, end, start_re if answer.get("keep_start") else None)
+        if end_re.search(lines[i]):
+            end = i
+    return None
+
+
+def _answer_text(lines, start, end, marker):
+    if marker is None:
+        body = lines[start + 1:end]
+    else:
+        first = lines[start]
+        indent = marker.search(first).end()
+        body = [first[indent:]] + [line[indent:] if line[:indent].strip() == "" else line
+                                   for line in lines[start + 1:end]]
+    text = textwrap.dedent("\n".join(body)).strip("\n")
+    return text or None
 
 
 ###############################################################################
@@ -1512,6 +1887,9 @@ class Runtime:
         self.status = {}
         self.input_gen = {}
         self.input_locks = {}
+        self.native = {}        # terminal -> status the CLI itself reported (hooks, notify)
+        self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
+        self.ready_seen = set()
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
 
@@ -1604,7 +1982,7 @@ class Runtime:
             load_settings().get("default_provider") or DEFAULT_PROVIDER
         spec = get_provider(provider)
         if not provider_installed(spec):
-            raise CaoError(f"provider {provider} needs `{spec['binary']}` on PATH; "
+            raise CaoError(f"provider {provider} needs `{provider_binary(spec)}` on PATH; "
                            f"install it: {spec.get('install', 'see docs/providers')}")
         session_name = session_name_for(session_name)
         session = self.store.one("SELECT * FROM sessions WHERE name = ?", (session_name,))
@@ -1613,17 +1991,20 @@ class Runtime:
         workdir = resolve_working_directory(working_directory or (
             session["working_directory"] if session else None))
         tools = parse_allowed_tools(allowed_tools if allowed_tools is not None
-                                    else profile.get("allowedTools"))
+                                    else profile.get("allowedTools")
+                                    or ROLE_TOOLS.get(profile.get("role")))
         if caller_id is not None:
             self.terminal_row(caller_id)
         terminal_id = uuid.uuid4().hex[:8]
         window = f"{profile['name']}-{terminal_id[:4]}"
-        fields = {"profile": profile["name"], "terminal_id": terminal_id,
-                  "system_prompt": profile.get("system_prompt") or "",
-                  "model": profile.get("model") or "", "working_directory": workdir}
-        argv = launch_argv(spec, fields, yolo=tools == ["*"])
         env = self._window_env(terminal_id)
-        env.update({k: v.format_map(fields) for k, v in spec.get("env", {}).items()})
+        argv, extra_env, files = launch_plan(spec, self._launch_fields(
+            spec, profile, terminal_id, workdir, tools, env))
+        env.update(extra_env)
+        context_dir = self.home / "terminals" / terminal_id
+        context_dir.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (context_dir / name).write_text(content, encoding="utf-8")
         now = time.time()
         if new_session:
             self.store.execute("INSERT INTO sessions VALUES (?,?,?,?)",
@@ -1654,6 +2035,35 @@ class Runtime:
         else:
             self.wait_ready(terminal_id, self._init_timeout(profile))
         return self.get_terminal(terminal_id)
+
+    def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env):
+        prompt = profile.get("system_prompt") or ""
+        restricted = tools is not None and "*" not in tools
+        disallowed = []
+        if restricted and spec.get("tools"):
+            allowed = resolve_tools(tools)
+            kept = {n for name in allowed for n in spec["tools"].get(name, ())}
+            disallowed = sorted({n for name, natives in spec["tools"].items() if name not in allowed
+                                 for n in natives} - kept)
+        elif restricted:
+            prompt += ("\n\nOnly use these tools: " + ", ".join(tools) +
+                       ". Do not use any other tool.").lstrip("\n")
+        mcp_argv = self_command() + ["mcp"]
+        mcp_env = {k: env[k] for k in ("CAO_TERMINAL_ID", "CAO_HOME_DIR", "CAO_API_HOST",
+                                       "CAO_API_PORT", "CAO_ENABLE_WORKING_DIRECTORY",
+                                       "CAO_ENABLE_SENDER_ID_INJECTION") if k in env}
+        servers = {name: server for name, server in (profile.get("mcpServers") or {}).items()
+                   if isinstance(server, dict) and name != CAO_MCP_NAME}
+        servers[CAO_MCP_NAME] = {"command": mcp_argv[0], "args": mcp_argv[1:], "env": mcp_env}
+        hook = self_command() + ["hook"]
+        return {"profile": profile["name"], "terminal_id": terminal_id, "system_prompt": prompt,
+                "model": profile.get("model") or "", "working_directory": workdir,
+                "context_dir": str(self.home / "terminals" / terminal_id),
+                "cao": self_command(), "mcp_command": mcp_argv[0], "mcp_args": mcp_argv[1:],
+                "mcp_argv": mcp_argv, "mcp_env": mcp_env, "mcp_servers": servers,
+                "hook": hook, "hook_command": shlex.join(hook),
+                "yolo": tools == ["*"], "restricted": bool(disallowed),
+                "disallowed_tools": disallowed}
 
     def _init_timeout(self, profile):
         value = profile.get("provider_init_timeout") or load_settings().get("provider_init_timeout")
@@ -1704,9 +2114,13 @@ class Runtime:
             status = "error"
         else:
             try:
-                status = detect_status(get_provider(row["provider"]), screen)
+                spec = get_provider(row["provider"])
             except CaoError:
-                status = "unknown"
+                spec = {}
+            if terminal_id not in self.ready_seen and self._answer_dialog(terminal_id, spec,
+                                                                          row["pane_id"], screen):
+                return
+            status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
             self.watcher.rearm(terminal_id)
         if gen != self.input_gen.get(terminal_id, 0):
             self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
@@ -1715,7 +2129,30 @@ class Runtime:
             return
         self._set_status(terminal_id, status, row["session_name"])
 
+    def _answer_dialog(self, terminal_id, spec, pane, screen):
+        """Answer a first-run question (trust this folder...) as a person would."""
+        keys = pending_dialog(spec, screen)
+        if keys is None:
+            return False
+        if time.monotonic() - self.dialog_keys_at.get(terminal_id, 0) > 1.0:
+            self.dialog_keys_at[terminal_id] = time.monotonic()
+            for key in keys:
+                tmux_keys(pane, key)
+        self.watcher.poke(terminal_id)
+        return True
+
+    def signal(self, terminal_id, status):
+        """A state the CLI reported itself (Claude Code hook, Codex notify)."""
+        if status not in ("processing", "completed", "waiting_user_answer"):
+            raise CaoError(f"unknown signal {status!r}; use processing, completed or "
+                           "waiting_user_answer")
+        self.terminal_row(terminal_id)
+        self.native[terminal_id] = status
+        self.watcher.poke(terminal_id)
+
     def _set_status(self, terminal_id, status, session_name):
+        if status in READY_STATUSES:
+            self.ready_seen.add(terminal_id)
         with self.store.lock:
             previous = self.status.get(terminal_id)
             if previous == status:
@@ -1774,6 +2211,7 @@ class Runtime:
     def _submitted(self, terminal_id, session_name):
         """The agent took new input: it is busy until its screen says otherwise."""
         self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
+        self.native.pop(terminal_id, None)
         self._set_status(terminal_id, "processing", session_name)
         self.watcher.poke(terminal_id)
 
@@ -1847,6 +2285,9 @@ class Runtime:
         self.status.pop(terminal_id, None)
         self.input_gen.pop(terminal_id, None)
         self.input_locks.pop(terminal_id, None)
+        self.native.pop(terminal_id, None)
+        self.ready_seen.discard(terminal_id)
+        shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return
         self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
@@ -1869,6 +2310,17 @@ class Runtime:
             self.delete_terminal(term["id"])
         self._drop_session(name)
         return {"success": True, "deleted": [name], "errors": []}
+
+
+def _with_native(native, screen):
+    """Combine what the CLI reported with what its screen shows: the screen is
+    trusted when it is sure of work, a question or an exit; the CLI's own word
+    settles everything the screen cannot tell (idle or done, an unknown redraw)."""
+    if native is None or screen in ("processing", "waiting_user_answer", "error"):
+        return screen
+    if native == "processing" and screen != "unknown":
+        return screen  # a turn interrupted with Esc sends no "done"; the screen shows it
+    return native
 
 
 def _iso(ts):
@@ -2154,6 +2606,12 @@ def _terminal_key(rt, req):
     rt.send_key(req.params["id"], req.arg("key", required=True))
 
 
+@route("POST", r"/terminals/(?P<id>[^/]+)/signal")
+def _terminal_signal(rt, req):
+    rt.signal(req.params["id"], req.arg("status", required=True))
+    return {"success": True}
+
+
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
 def _terminal_workdir(rt, req):
     return {"working_directory": rt.working_directory(req.params["id"])}
@@ -2182,7 +2640,7 @@ def _profile(rt, req):
 
 @route("GET", r"/agents/providers")
 def _providers(rt, req):
-    return [{"name": name, "binary": spec.get("binary") or "(built in)",
+    return [{"name": name, "binary": provider_binary(spec) or "(built in)",
              "installed": provider_installed(spec), "description": spec.get("description", "")}
             for name, spec in sorted(providers().items())]
 
@@ -2858,6 +3316,18 @@ def cmd_mcp(args):
     return run_mcp_server()
 
 
+def cmd_hook(args):
+    """Run by a CLI's own hooks; it must never fail the CLI, so errors go to a log."""
+    terminal_id = os.environ.get("CAO_TERMINAL_ID", "")
+    try:
+        api("POST", f"/terminals/{check_terminal_id(terminal_id)}/signal",
+            {"status": args.status}, timeout=5)
+    except CaoError as e:
+        with open(ensure_home() / "logs" / "hooks.log", "a", encoding="utf-8") as log:
+            log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n")
+    return 0
+
+
 def cmd_demo_agent(args):
     return run_demo_agent(args.profile)
 
@@ -2957,6 +3427,10 @@ def build_parser():
     s = sub.add_parser("mcp", help="run the MCP server for agents (same as cao-mcp-server)")
     s.set_defaults(func=cmd_mcp)
 
+    s = sub.add_parser("hook", help="report an agent's state from its CLI's hooks (used by providers)")
+    s.add_argument("status", choices=("processing", "completed", "waiting_user_answer"))
+    s.add_argument("payload", nargs="*", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_hook)
     s = sub.add_parser("demo-agent", help="run the demo agent (used by the demo provider)")
     s.add_argument("--profile", default="demo")
     s.set_defaults(func=cmd_demo_agent)

@@ -33,14 +33,25 @@ def test_demo_answer_is_the_text_after_the_last_input():
     assert cao.extract_answer(DEMO, multi) == "line one\n\nline three"
 
 
-def test_launch_argv_expands_templates():
+def test_launch_plan_fills_templates_per_feature():
     spec = {"command": ["tool", "--profile", "{profile}"],
-            "args": {"system_prompt": ["--prompt", "{system_prompt}"], "model": ["-m", "{model}"],
-                     "yolo": ["--yes"]}}
-    fields = {"profile": "dev", "system_prompt": "be brief", "model": ""}
-    assert cao.launch_argv(spec, fields, yolo=False) == ["tool", "--profile", "dev", "--prompt", "be brief"]
-    assert cao.launch_argv(spec, fields, yolo=True)[-1] == "--yes"
-    assert cao.launch_argv(DEMO, {"profile": "x"}, False)[:2] == cao.self_command()
+            "args": {"always": ["--mcp", {"json": {"servers": "{mcp_servers}"}}],
+                     "system_prompt": ["--prompt", "{system_prompt}"], "model": ["-m", "{model}"],
+                     "yolo": ["--yes"], "restricted": ["--deny", "{disallowed_tools}"]},
+            "env": {"ALWAYS": "{terminal_id}", "ONLY_YOLO": {"when": "yolo", "value": "1"}},
+            "files": {"conf.toml": {"prefix": "notify=", "toml": "{hook}"}}}
+    fields = {"profile": "dev", "system_prompt": 'say "hi"', "model": "", "terminal_id": "ab12cd34",
+              "mcp_servers": {"cao": {"command": "py"}}, "hook": ["py", "cao.py", "hook"],
+              "disallowed_tools": ["Bash", "Edit"], "restricted": True}
+    argv, env, files = cao.launch_plan(spec, fields)
+    assert argv == ["tool", "--profile", "dev", "--mcp", '{"servers": {"cao": {"command": "py"}}}',
+                    "--prompt", 'say "hi"', "--deny", "Bash", "Edit"]
+    assert env == {"ALWAYS": "ab12cd34"}
+    assert files == {"conf.toml": 'notify=["py", "cao.py", "hook"]'}
+    argv, env, _ = cao.launch_plan(spec, {**fields, "yolo": True, "restricted": False})
+    assert "--yes" in argv and "--deny" not in argv and env["ONLY_YOLO"] == "1"
+    assert cao.launch_plan(DEMO, {"profile": "x", "cao": cao.self_command()})[0][:2] == \
+        cao.self_command()
 
 
 def _settings(env, providers, **extra):
@@ -54,7 +65,7 @@ def _settings(env, providers, **extra):
     ({"command": ["x"], "status": [["idle", "("]]}, "status pattern '('"),
     ({"command": ["x"], "colour": "red"}, "unknown field(s) colour"),
     ({"command": ["x", "--p={nosuch}"]}, "uses nosuch; known fields"),
-    ({"command": ["x"], "args": {"model": ["{model"]}}, "write literal braces as {{ }}"),
+    ({"command": ["x"], "args": {"colour": ["--red"]}}, '"args" must map features'),
 ])
 def test_bad_user_provider_is_a_clear_error(cao_env, spec, message):
     _settings(cao_env, {"mine": spec})
