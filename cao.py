@@ -961,7 +961,8 @@ def tmux_pipe(pane, fifo):
 #   answer    start/end regexes: the answer is the text after the last `start`
 #             line that has an `end` line below it, up to that `end` line;
 #             keep_start: the start line is the answer's first line (its
-#             marker and the hanging indent of the next lines are removed)
+#             marker and the hanging indent of the next lines are removed);
+#             trim: a regex cut out of every answer line
 #   dialogs   [regex, [keys]]: first-run questions (trust this folder, use this
 #             key) answered with tmux keys whenever the screen shows them
 #   exit      {"keys": [tmux key names]} or {"text": "/exit"}
@@ -1104,7 +1105,8 @@ PROVIDERS = {
             ["idle", r"Type your message"],
         ],
         "tail_lines": 60,
-        "answer": {"start": r"^\s*✦ ", "keep_start": True, "end": _RULE + r"|^\s*> "},
+        "answer": {"start": r"^\s*✦ ", "keep_start": True,
+                   "end": _RULE + r"|^\s*> |\? for shortcuts"},
         "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
         "exit": {"text": "/quit"},
     },
@@ -1150,7 +1152,9 @@ PROVIDERS.update({
             ["idle", r"ctrl\+p commands|tab agents"],
         ],
         "tail_lines": 60,
-        "answer": {"start": r"^\s*┃", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$"},
+        # The sidebar shares the answer's lines, far to the right.
+        "answer": {"start": r"^\s*(┃|⚙ )", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$",
+                   "trim": r"\s{8,}\S.*$"},
         "exit": {"keys": ["C-c"]},
     },
     "copilot_cli": {
@@ -1210,7 +1214,7 @@ PROVIDERS.update({
             # A dangerous-command approval times out by itself after 60 s.
             ["waiting_user_answer", r"Dangerous Command|↑/↓ to select, Enter to confirm|^⚠ ❯"],
             ["processing", r"⏱ \d|msg=interrupt"],
-            ["completed", r"✓ \d+m?s\s*$"],
+            ["completed", r"│ ✓ \d+m?s\b"],
             ["idle", r"^❯|⏲"],
         ],
         "tail_lines": 60,
@@ -1309,7 +1313,7 @@ def _check_provider(name, spec, origin):
         if status not in STATUSES:
             bad(f"status {status!r} is not one of {', '.join(STATUSES)}")
         check_regex(pattern, "status pattern")
-    for key in ("start", "end"):
+    for key in ("start", "end", "trim"):
         if key in spec.get("answer", {}):
             check_regex(spec["answer"][key], f"answer.{key}")
     for pattern, keys in spec.get("dialogs", []):
@@ -1441,7 +1445,8 @@ def extract_answer(spec, text):
     answer = spec.get("answer")
     if not answer:
         return None
-    lines = [line.rstrip() for line in text.split("\n")]
+    trim = re.compile(answer["trim"]) if answer.get("trim") else None
+    lines = [(trim.sub("", line) if trim else line).rstrip() for line in text.split("\n")]
     start_re, end_re = re.compile(answer["start"]), re.compile(answer["end"])
     end = None
     for i in range(len(lines) - 1, -1, -1):
