@@ -967,6 +967,8 @@ def tmux_pipe(pane, fifo):
 #             key) answered with tmux keys whenever the screen shows them
 #   exit      {"keys": [tmux key names]} or {"text": "/exit"}
 #   submit    {"enter_delay": seconds between paste and Enter}
+#   input_lines  how many bottom screen lines hold the input box; text still
+#             there after Enter was not taken, and Enter is pressed again
 #   eager_input  true if the CLI safely queues input typed while it works; then,
 #             with CAO_EAGER_INBOX_DELIVERY=true, inbox messages need not wait
 #             for idle
@@ -1011,6 +1013,7 @@ PROVIDERS = {
         "exit": {"keys": ["C-d"]},
     },
     "claude_code": {
+        "input_lines": 3,
         "description": "Claude Code (Anthropic)",
         "command": ["claude"],
         "install": "npm install -g @anthropic-ai/claude-code",
@@ -1051,6 +1054,7 @@ PROVIDERS = {
         "exit": {"text": "/exit"},
     },
     "codex": {
+        "input_lines": 3,
         "description": "Codex CLI (OpenAI)",
         # --no-daemon: otherwise Codex leaves an app-server daemon running after it exits.
         "command": ["codex", "--no-daemon"],
@@ -1072,20 +1076,24 @@ PROVIDERS = {
             ["waiting_user_answer", r"^\s*(Allow .* to run tool|Would you like to run)"
                                     r"|enter to submit \| esc to cancel|^\s*› 1\. (Allow|Yes)"],
             ["processing", r"esc to interrupt\)"],
-            ["completed", r"^\s*(─ )?Worked for \d"],
-            ["idle", r"\? for shortcuts|^› "],
+            ["completed", r"^\s*(─ )?Worked for [<\d]"],
+            ["idle", r"\? for shortcuts"],
         ],
         "tail_lines": 60,
-        "answer": {"start": r"^• ", "keep_start": True, "end": r"^\s*(─ )?Worked for \d|^› "},
+        "answer": {"start": r"^• ", "keep_start": True, "end": r"^\s*(─ )?Worked for [<\d]|^› "},
         "dialogs": [[r"Trust this folder\?|1\. Trust and continue", _ENTER]],
         "exit": {"keys": ["C-c"]},
     },
     "gemini_cli": {
+        "input_lines": 5,
         "description": "Gemini CLI (Google)",
         "command": ["gemini"],
         "install": "npm install -g @google/gemini-cli",
         "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
-        "env": {"GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
+        # An untrusted folder runs without MCP servers; cao starts agents only in
+        # folders its user named, so it trusts them as a person would at the prompt.
+        "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true",
+                "GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
                 "GEMINI_SYSTEM_MD": {"when": "system_prompt", "value": "{context_dir}/system.md"}},
         "files": {
             "settings.json": {"json": {"mcpServers": {CAO_MCP_NAME: {
@@ -1113,7 +1121,8 @@ PROVIDERS = {
 }
 PROVIDERS["qwen_code"] = {
     **PROVIDERS["gemini_cli"],
-    "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
+    "input_lines": 4,
+        "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
     "command": ["qwen"],
     "install": "npm install -g @qwen-code/qwen-code",
     "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
@@ -1121,7 +1130,7 @@ PROVIDERS["qwen_code"] = {
              "system_prompt": ["--append-system-prompt", "{system_prompt}"],
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
              "restricted": ["--exclude-tools", "{disallowed_tools}"]},
-    "env": {}, "files": {},
+    "env": {"QWEN_CODE_TRUST_WORKSPACE": "true"}, "files": {},
     "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
               "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],
               "web_fetch": ["web_fetch"]},
@@ -1134,6 +1143,7 @@ PROVIDERS["qwen_code"] = {
 }
 PROVIDERS.update({
     "opencode_cli": {
+        "input_lines": 5,
         "description": "opencode (sst)",
         "command": ["opencode"],
         "install": "npm install -g opencode-ai",
@@ -1158,6 +1168,7 @@ PROVIDERS.update({
         "exit": {"keys": ["C-c"]},
     },
     "copilot_cli": {
+        "input_lines": 3,
         "description": "GitHub Copilot CLI",
         "command": ["copilot", "--no-auto-update"],
         "install": "npm install -g @github/copilot",
@@ -1185,6 +1196,7 @@ PROVIDERS.update({
         "exit": {"text": "/exit"},
     },
     "kimi_cli": {
+        "input_lines": 3,
         "description": "Kimi CLI (Moonshot; the Python kimi-cli 1.51)",
         "command": ["kimi", "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
         "install": "pip install kimi-cli==1.51.0  (Python >= 3.12)",
@@ -1205,6 +1217,7 @@ PROVIDERS.update({
         "exit": {"text": "/exit"},
     },
     "hermes": {
+        "input_lines": 3,
         "description": "Hermes Agent (Nous Research)",
         "command": ["hermes"],
         "install": "pip install 'hermes-agent[mcp]'  (Python >= 3.12)",
@@ -1272,7 +1285,8 @@ PROVIDERS.update({
     },
 })
 _PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
-                  "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input"}
+                  "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input",
+                  "input_lines"}
 
 
 def _template_strings(value):
@@ -1434,8 +1448,9 @@ def detect_status(spec, screen):
 
 def pending_dialog(spec, screen):
     """The keys that answer a first-run dialog shown on screen, or None."""
+    tail = _screen_tail(screen, 20)
     for pattern, keys in spec.get("dialogs", []):
-        if re.search(pattern, screen, re.M):
+        if re.search(pattern, tail, re.M):
             return keys
     return None
 
@@ -1894,7 +1909,6 @@ class Runtime:
         self.input_locks = {}
         self.native = {}        # terminal -> status the CLI itself reported (hooks, notify)
         self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
-        self.ready_seen = set()
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
 
@@ -2122,8 +2136,7 @@ class Runtime:
                 spec = get_provider(row["provider"])
             except CaoError:
                 spec = {}
-            if terminal_id not in self.ready_seen and self._answer_dialog(terminal_id, spec,
-                                                                          row["pane_id"], screen):
+            if self._answer_dialog(terminal_id, spec, row["pane_id"], screen):
                 return
             status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
             self.watcher.rearm(terminal_id)
@@ -2156,8 +2169,6 @@ class Runtime:
         self.watcher.poke(terminal_id)
 
     def _set_status(self, terminal_id, status, session_name):
-        if status in READY_STATUSES:
-            self.ready_seen.add(terminal_id)
         with self.store.lock:
             previous = self.status.get(terminal_id)
             if previous == status:
@@ -2207,7 +2218,7 @@ class Runtime:
             state = tmux_capture_state(pane)
             if state is None or state[1]:
                 raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
-            if needle not in _screen_tail(state[0], 1) or \
+            if needle not in _screen_tail(state[0], spec.get("input_lines", 1)) or \
                     detect_status(spec, state[0]) == "processing":
                 return
         raise Conflict(f"terminal {terminal_id} did not take the input: it is still in the agent's "
@@ -2291,7 +2302,6 @@ class Runtime:
         self.input_gen.pop(terminal_id, None)
         self.input_locks.pop(terminal_id, None)
         self.native.pop(terminal_id, None)
-        self.ready_seen.discard(terminal_id)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return
