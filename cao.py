@@ -1130,7 +1130,7 @@ PROVIDERS["qwen_code"] = {
              "system_prompt": ["--append-system-prompt", "{system_prompt}"],
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
              "restricted": ["--exclude-tools", "{disallowed_tools}"]},
-    "env": {"QWEN_CODE_TRUST_WORKSPACE": "true"}, "files": {},
+    "env": {}, "files": {},
     "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
               "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],
               "web_fetch": ["web_fetch"]},
@@ -1179,18 +1179,19 @@ PROVIDERS.update({
                  "model": ["--model", "{model}"], "yolo": ["--allow-all"],
                  "restricted": ["--deny-tool", "{disallowed_tools}"]},
         "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
-        "files": {"AGENTS.md": {"when": "system_prompt", "value": "{system_prompt}"}},
+        "files": {".github/copilot-instructions.md": {"when": "system_prompt",
+                                                      "value": "{system_prompt}"}},
         "tools": {"execute_bash": ["shell"], "fs_read": ["read"], "fs_write": ["write"],
                   "fs_list": ["list", "grep"]},
         "status": [
             ["waiting_user_answer", r"Do you want to (use this tool|run this command|allow)"
                                     r"|↑/↓ to navigate"],
-            ["processing", r"^\s*○ Working|esc esc edit prompt"],
-            ["completed", r"^ ❯ \S.*\n(?:.*\n)*? ● "],
+            ["processing", r"^\s*[○●◉◎] Working|esc esc (edit prompt|interrupt)"],
+            ["completed", r"^ ❯ \S.*\n(?:.*\n)*? ● (?!Tip:|No copilot-instructions|MCP Servers)"],
             ["idle", r"open sidebar|^❯"],
         ],
         "tail_lines": 60,
-        "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions)", "keep_start": True,
+        "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
                    "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
         "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
         "exit": {"text": "/exit"},
@@ -1666,6 +1667,7 @@ KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-
 WINDOW_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "SHELL",
                    "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR")
 DEFAULT_PROVIDER = "demo"
+TURN_START_GRACE = 3.0  # seconds after a submit in which an idle screen is not believed
 
 
 def session_name_for(name):
@@ -1908,6 +1910,7 @@ class Runtime:
         self.input_gen = {}
         self.input_locks = {}
         self.native = {}        # terminal -> status the CLI itself reported (hooks, notify)
+        self.submitted_at = {}  # terminal -> when its last input was submitted
         self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
@@ -2023,6 +2026,7 @@ class Runtime:
         context_dir = self.home / "terminals" / terminal_id
         context_dir.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
+            (context_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (context_dir / name).write_text(content, encoding="utf-8")
         now = time.time()
         if new_session:
@@ -2139,6 +2143,14 @@ class Runtime:
             if self._answer_dialog(terminal_id, spec, row["pane_id"], screen):
                 return
             status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
+            since = time.monotonic() - self.submitted_at.get(terminal_id, -TURN_START_GRACE)
+            if status == "idle" and since < TURN_START_GRACE:
+                # Some CLIs clear the input before they draw their spinner; a turn
+                # ends in completed, so idle right after a submit is the old screen.
+                status = "processing"
+                timer = threading.Timer(TURN_START_GRACE - since, self.watcher.poke, (terminal_id,))
+                timer.daemon = True
+                timer.start()
             self.watcher.rearm(terminal_id)
         if gen != self.input_gen.get(terminal_id, 0):
             self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
@@ -2228,6 +2240,7 @@ class Runtime:
         """The agent took new input: it is busy until its screen says otherwise."""
         self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
         self.native.pop(terminal_id, None)
+        self.submitted_at[terminal_id] = time.monotonic()
         self._set_status(terminal_id, "processing", session_name)
         self.watcher.poke(terminal_id)
 
@@ -2302,6 +2315,7 @@ class Runtime:
         self.input_gen.pop(terminal_id, None)
         self.input_locks.pop(terminal_id, None)
         self.native.pop(terminal_id, None)
+        self.submitted_at.pop(terminal_id, None)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return

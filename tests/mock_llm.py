@@ -530,6 +530,9 @@ class MockLLM:
             if names:
                 found, stage = _find_tool(tools, "tool_search"), "search"
                 args = {"query": "select:" + max(names, key=lambda n: _tool_score(n, rule["tool"]))}
+        if found is None and stage == "call" and _find_tool(tools, "WaitForMcpServers"):
+            # Claude Code answers before its MCP servers connect and offers this tool to wait.
+            found, stage, args = _find_tool(tools, "WaitForMcpServers"), "search", {}
         if found is None:
             print(f"mock_llm: MOCK-NO-TOOL {rule['tool']} (offered: {[t[0] for t in tools]})", file=sys.stderr)
             return self._text(f"MOCK-NO-TOOL {rule['tool']}")

@@ -8,8 +8,9 @@ is cao's job.
 """
 import json
 import os
+import shutil
 import signal
-import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,10 @@ class RealEnv(CaoEnv):
 
     def __init__(self, tmp_path, mock, providers):
         super().__init__(tmp_path)
+        # Gemini CLI ignores a settings file below a world-writable directory such as /tmp.
+        self.home = Path.home() / ".cache" / "cao-test-homes" / uuid.uuid4().hex[:12]
+        self.home.mkdir(parents=True, mode=0o700)
+        self.env["CAO_HOME_DIR"] = str(self.home)
         self.user_home = tmp_path / "user-home"
         self.user_home.mkdir()
         path = os.pathsep.join([str(d) for d in BIN_DIRS] + [os.environ.get("PATH", "")])
@@ -125,6 +130,7 @@ class RealEnv(CaoEnv):
             except (ProcessLookupError, PermissionError):
                 pass
         super().cleanup()
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def start(self, provider, profile="agent", session="e2e"):
         code, body = self.request("POST", f"/sessions?agent_profile={profile}&provider={provider}"
@@ -204,7 +210,7 @@ def test_real_cli_turn_status_and_answer(real_env, mock, provider):
     code, body = env.request("GET", f"/terminals/{term}/output?mode=last")
     assert code == 200 and body["output"] == f"REAL-ANSWER-{provider}", env.screen(term)[-2000:]
     main = mock.wait_for(lambda r: r["kind"] == "main" and "please answer" in r["user_text"])
-    if provider != "opencode_cli":  # opencode adds the prompt as an instructions file
+    if provider != "copilot_cli":  # known limit: Copilot ignores cao's instructions dir
         assert "PROMPT-MARKER-31" in main["system_text"] + json.dumps(main["body"])
     # A second turn: the status cycles again, and by now the CLI has connected to
     # cao's MCP server (CLIs do not wait for MCP servers before their first prompt).
@@ -219,3 +225,99 @@ def test_real_cli_turn_status_and_answer(real_env, mock, provider):
     if provider != "hermes":  # hermes reads MCP servers only from its own config.yaml
         assert any(name.endswith("handoff") for name in second["tool_names"]) or \
             "handoff" in second["system_text"], second["tool_names"]
+
+
+def _tool_ready(mock, name):
+    """CLIs connect to MCP servers in the background; wait until one offered `name`."""
+    return lambda r: r["kind"] == "main" and any(t.endswith(name) for t in r["tool_names"])
+
+
+def _warm_up(env, mock, term, tool):
+    """One turn so the CLI has connected to cao's MCP server before the real work."""
+    for attempt in range(5):
+        env.send(term, f"warm up {attempt}")
+        env.wait_status(term, "completed")
+        if any(_tool_ready(mock, tool)(r) for r in mock.requests):
+            return
+    raise AssertionError(f"the CLI never offered the {tool} tool")
+
+
+@pytest.mark.parametrize("boss,worker", [("claude_code", "codex"), ("codex", "gemini_cli")])
+def test_real_supervisor_hands_off_to_a_real_worker(real_env, mock, boss, worker):
+    for provider in (boss, worker):
+        if not _installed(provider):
+            pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS}")
+    env = real_env(boss, worker)
+    env.profile("boss", boss, "You supervise. Delegate with handoff.")
+    env.profile("helper", worker, "You are the worker.")
+    mock.reply("warm up", text="warm")
+    mock.reply("TASK-FOR-WORKER", text="WORKER-RESULT-77")
+    mock.reply("delegate the task", tool="handoff",
+               arguments={"agent_profile": "helper", "message": "TASK-FOR-WORKER: add 2 and 5",
+                          "timeout": 300},
+               then="BOSS-GOT {result}")
+    boss_term = env.start(boss, profile="boss")["id"]
+    _warm_up(env, mock, boss_term, "handoff")
+    env.send(boss_term, "delegate the task")
+    env.wait_status(boss_term, "completed", timeout=240)
+    answer = env.request("GET", f"/terminals/{boss_term}/output?mode=last")[1]["output"]
+    assert answer.startswith("BOSS-GOT") and "WORKER-RESULT-77" in answer, answer
+    created = [e["data"] for e in env.request("GET", "/events?after=0")[1]["events"]
+               if e["kind"] == "terminal_created" and e["terminal_id"] != boss_term]
+    assert [c["provider"] for c in created] == [worker], created
+    assert mock.wait_for(lambda r: "TASK-FOR-WORKER" in r["user_text"] and r["kind"] == "main")
+
+
+@_needs("claude_code")
+def test_real_assigned_worker_sends_its_result_back(real_env, mock):
+    env = real_env("claude_code")
+    env.profile("boss", "claude_code", "You supervise.")
+    env.profile("helper", "claude_code", "You are the worker.")
+    mock.reply("warm up", text="warm")
+    mock.reply("ASSIGNED-JOB", tool="send_message", arguments={"message": "CALLBACK-55 done"},
+               then="worker finished")
+    mock.reply("assign the job", tool="assign",
+               arguments={"agent_profile": "helper", "message": "ASSIGNED-JOB: count files"},
+               then="assigned {result}")
+    boss = env.start("claude_code", profile="boss")["id"]
+    _warm_up(env, mock, boss, "assign")
+    env.send(boss, "assign the job")
+    # The worker starts, connects to MCP in the background, and may need a nudge: its
+    # first request can come before cao's tools are connected.
+    inbox = mock.wait_for(lambda r: r["kind"] == "main" and "CALLBACK-55" in r["user_text"]
+                          and "Message from terminal" in r["user_text"], timeout=180)
+    assert inbox["headers"].get("x-claude-code-session-id")
+    code, rows = env.request("GET", f"/terminals/{boss}/inbox/messages")
+    assert code == 200 and any("CALLBACK-55" in m["message"] and m["status"] == "delivered"
+                               for m in rows), rows
+
+
+@_needs("claude_code")
+def test_real_approval_shows_waiting_and_answering_resumes(real_env, mock):
+    env = real_env("claude_code")
+    env.profile("agent", "claude_code", "You are careful.")
+    mock.reply("make a file", tool="Bash",
+               arguments={"command": "touch approved-file", "description": "create a file"},
+               then="FILE-MADE {result}")
+    term = env.start("claude_code")["id"]
+    env.send(term, "make a file please")
+    env.wait_status(term, "waiting_user_answer")
+    assert not (env.workdir / "approved-file").exists()
+    code, body = env.request("POST", f"/terminals/{term}/key", {"key": "Enter"})
+    assert code == 200, body
+    env.wait_status(term, "completed")
+    assert (env.workdir / "approved-file").exists()
+    assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"].startswith(
+        "FILE-MADE")
+
+
+@_needs("claude_code")
+def test_real_restrictions_reach_the_cli(real_env, mock):
+    env = real_env("claude_code")
+    env.profile("reader", "claude_code", "You only read.", allowedTools=["fs_read", "@cao-mcp-server"])
+    term = env.start("claude_code", profile="reader")["id"]
+    env.send(term, "what tools do you have")
+    env.wait_status(term, "completed")
+    main = mock.wait_for(lambda r: r["kind"] == "main" and "what tools" in r["user_text"])
+    assert "Read" in main["tool_names"]
+    assert not {"Bash", "Edit", "Write", "WebFetch"} & set(main["tool_names"]), main["tool_names"]
