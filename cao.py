@@ -1125,8 +1125,7 @@ PROVIDERS["qwen_code"] = {
         "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
     "command": ["qwen"],
     "install": "npm install -g @qwen-code/qwen-code",
-    "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
-                        "--allowed-mcp-server-names", "*"],
+    "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
              "system_prompt": ["--append-system-prompt", "{system_prompt}"],
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
              "restricted": ["--exclude-tools", "{disallowed_tools}"]},
@@ -1911,6 +1910,7 @@ class Runtime:
         self.input_locks = {}
         self.native = {}        # terminal -> status the CLI itself reported (hooks, notify)
         self.submitted_at = {}  # terminal -> when its last input was submitted
+        self.turn_seen = set()  # terminals whose screen showed the turn since that submit
         self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
@@ -2143,10 +2143,14 @@ class Runtime:
             if self._answer_dialog(terminal_id, spec, row["pane_id"], screen):
                 return
             status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
+            if status in ("processing", "waiting_user_answer"):
+                self.turn_seen.add(terminal_id)
             since = time.monotonic() - self.submitted_at.get(terminal_id, -TURN_START_GRACE)
-            if status == "idle" and since < TURN_START_GRACE:
-                # Some CLIs clear the input before they draw their spinner; a turn
-                # ends in completed, so idle right after a submit is the old screen.
+            if status in ("idle", "completed") and terminal_id not in self.turn_seen \
+                    and since < TURN_START_GRACE:
+                # Some CLIs clear the input before they draw their spinner, and the
+                # last turn's answer is still on screen: until the new turn shows,
+                # idle or completed is the old screen.
                 status = "processing"
                 timer = threading.Timer(TURN_START_GRACE - since, self.watcher.poke, (terminal_id,))
                 timer.daemon = True
@@ -2241,6 +2245,7 @@ class Runtime:
         self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
         self.native.pop(terminal_id, None)
         self.submitted_at[terminal_id] = time.monotonic()
+        self.turn_seen.discard(terminal_id)
         self._set_status(terminal_id, "processing", session_name)
         self.watcher.poke(terminal_id)
 
@@ -2316,6 +2321,7 @@ class Runtime:
         self.input_locks.pop(terminal_id, None)
         self.native.pop(terminal_id, None)
         self.submitted_at.pop(terminal_id, None)
+        self.turn_seen.discard(terminal_id)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return
