@@ -967,6 +967,8 @@ def tmux_pipe(pane, fifo):
 #             key) answered with tmux keys whenever the screen shows them
 #   exit      {"keys": [tmux key names]} or {"text": "/exit"}
 #   submit    {"enter_delay": seconds between paste and Enter}
+#   turn_start_grace  seconds after a submit in which an idle or completed screen
+#             is taken for the previous turn until the new turn shows
 #   input_lines  how many bottom screen lines hold the input box; text still
 #             there after Enter was not taken, and Enter is pressed again
 #   eager_input  true if the CLI safely queues input typed while it works; then,
@@ -1046,6 +1048,7 @@ PROVIDERS = {
             ["idle", r"^❯|\? for shortcuts|bypass permissions on"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         "answer": {"start": r"^● ", "keep_start": True,
                    "end": r"^[✻✢✳✶✽·*] \S+ for \d|" + _RULE[1:] + r"|^❯"},
         "dialogs": [[r"Yes, I trust this folder", _ENTER],
@@ -1066,7 +1069,7 @@ PROVIDERS = {
                 "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.env=", "toml": "{mcp_env}"},
                 "-c", f"mcp_servers.{CAO_MCP_NAME}.tool_timeout_sec=86400",
                 "-c", f'mcp_servers.{CAO_MCP_NAME}.default_tools_approval_mode="approve"',
-                "-c", {"prefix": "notify=", "toml": "{hook}"},
+                "-c", {"prefix": "notify=", "toml": ["{hook}", "completed"]},
                 "-c", "check_for_update_on_startup=false"],
             "system_prompt": ["-c", {"prefix": "developer_instructions=", "toml": "{system_prompt}"}],
             "model": ["--model", "{model}"],
@@ -1080,6 +1083,7 @@ PROVIDERS = {
             ["idle", r"\? for shortcuts"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         "answer": {"start": r"^• ", "keep_start": True, "end": r"^\s*(─ )?Worked for [<\d]|^› "},
         "dialogs": [[r"Trust this folder\?|1\. Trust and continue", _ENTER]],
         "exit": {"keys": ["C-c"]},
@@ -1113,6 +1117,7 @@ PROVIDERS = {
             ["idle", r"Type your message"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         "answer": {"start": r"^\s*✦ ", "keep_start": True,
                    "end": _RULE + r"|^\s*> |\? for shortcuts"},
         "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
@@ -1161,6 +1166,7 @@ PROVIDERS.update({
             ["idle", r"ctrl\+p commands|tab agents"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         # The sidebar shares the answer's lines, far to the right.
         "answer": {"start": r"^\s*(┃|⚙ )", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$",
                    "trim": r"\s{8,}\S.*$"},
@@ -1190,6 +1196,7 @@ PROVIDERS.update({
             ["idle", r"open sidebar|^❯"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
                    "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
         "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
@@ -1213,6 +1220,7 @@ PROVIDERS.update({
             ["idle", r"── input ──"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         "answer": {"start": r"^• ", "keep_start": True, "end": r"── input ──|^✨ "},
         "exit": {"text": "/exit"},
     },
@@ -1231,6 +1239,7 @@ PROVIDERS.update({
             ["idle", r"^❯|⏲"],
         ],
         "tail_lines": 60,
+        "turn_start_grace": 3.0,
         "answer": {"start": r"^╭─ ⚕ ", "end": r"^╰─"},
         "exit": {"text": "/exit"},
     },
@@ -1286,7 +1295,7 @@ PROVIDERS.update({
 })
 _PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
                   "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input",
-                  "input_lines"}
+                  "input_lines", "turn_start_grace"}
 
 
 def _template_strings(value):
@@ -1666,7 +1675,6 @@ KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-
 WINDOW_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "SHELL",
                    "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR")
 DEFAULT_PROVIDER = "demo"
-TURN_START_GRACE = 3.0  # seconds after a submit in which an idle screen is not believed
 
 
 def session_name_for(name):
@@ -2145,14 +2153,15 @@ class Runtime:
             status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
             if status in ("processing", "waiting_user_answer"):
                 self.turn_seen.add(terminal_id)
-            since = time.monotonic() - self.submitted_at.get(terminal_id, -TURN_START_GRACE)
+            grace = spec.get("turn_start_grace", 0)
+            since = time.monotonic() - self.submitted_at.get(terminal_id, -grace)
             if status in ("idle", "completed") and terminal_id not in self.turn_seen \
-                    and since < TURN_START_GRACE:
+                    and since < grace:
                 # Some CLIs clear the input before they draw their spinner, and the
                 # last turn's answer is still on screen: until the new turn shows,
                 # idle or completed is the old screen.
                 status = "processing"
-                timer = threading.Timer(TURN_START_GRACE - since, self.watcher.poke, (terminal_id,))
+                timer = threading.Timer(grace - since, self.watcher.poke, (terminal_id,))
                 timer.daemon = True
                 timer.start()
             self.watcher.rearm(terminal_id)
