@@ -1261,21 +1261,6 @@ PROVIDERS.update({
         "dialogs": [[r"Kiro is running in trust all tools mode", ["Down", "Enter"]]],
         "exit": {"text": "/quit"},
     },
-    "q_cli": {
-        "description": "Amazon Q Developer CLI - experimental",
-        "command": ["q", "chat", "--trust-all-tools"],
-        "install": "see https://docs.aws.amazon.com/amazonq/latest/qdeveloper-ug/command-line.html",
-        "args": {"model": ["--model", "{model}"]},
-        "status": [
-            ["waiting_user_answer", r"Allow this action\?|\[y/n/t\]"],
-            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking"],
-            ["completed", r"^> \S[\s\S]*\n\S*> ?$"],
-            ["idle", r"^\S*> ?$"],
-        ],
-        "tail_lines": 40,
-        "answer": {"start": r"^> \S", "keep_start": True, "end": r"^\S*> ?$"},
-        "exit": {"text": "/quit"},
-    },
     "cursor_cli": {
         "description": "Cursor CLI (cursor-agent) - experimental",
         "command": ["cursor-agent"],
@@ -1293,6 +1278,14 @@ PROVIDERS.update({
         "exit": {"text": "/exit"},
     },
 })
+# Amazon Q Developer CLI is Kiro CLI's predecessor and draws the same chat screen.
+PROVIDERS["q_cli"] = {
+    **PROVIDERS["kiro_cli"],
+    "description": "Amazon Q Developer CLI - experimental",
+    "command": ["q", "chat", "--trust-all-tools"],
+    "install": "see https://docs.aws.amazon.com/amazonq/latest/qdeveloper-ug/command-line.html",
+    "dialogs": [],
+}
 _PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
                   "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input",
                   "input_lines", "turn_start_grace"}
