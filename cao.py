@@ -2350,14 +2350,11 @@ class Runtime:
 
 
 def _with_native(native, screen):
-    """Combine what the CLI reported with what its screen shows: the screen is
-    trusted when it is sure of work, a question or an exit; the CLI's own word
-    settles everything the screen cannot tell (idle or done, an unknown redraw)."""
-    if native is None or screen in ("processing", "waiting_user_answer", "error"):
-        return screen
-    if native == "processing" and screen != "unknown":
-        return screen  # a turn interrupted with Esc sends no "done"; the screen shows it
-    return native
+    """Combine what the CLI reported with what its screen shows. The screen decides
+    whenever it is recognised: a CLI may report done while it still draws its
+    answer (Codex). The CLI's own word settles a screen no pattern recognises,
+    such as a redraw after a CLI update."""
+    return native if native and screen == "unknown" else screen
 
 
 def _iso(ts):
