@@ -1096,7 +1096,9 @@ PROVIDERS = {
         "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
         # An untrusted folder runs without MCP servers; cao starts agents only in
         # folders its user named, so it trusts them as a person would at the prompt.
-        "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true",
+        # Gemini (and ink's is-in-ci) start headless and exit when CI or
+        # GITHUB_ACTIONS says "true", but an agent in a tmux window is interactive.
+        "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": "false", "GITHUB_ACTIONS": "false",
                 "GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
                 "GEMINI_SYSTEM_MD": {"when": "system_prompt", "value": "{context_dir}/system.md"}},
         "files": {
@@ -1127,7 +1129,7 @@ PROVIDERS = {
 PROVIDERS["qwen_code"] = {
     **PROVIDERS["gemini_cli"],
     "input_lines": 4,
-        "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
+    "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
     "command": ["qwen"],
     "install": "npm install -g @qwen-code/qwen-code",
     "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
