@@ -17,85 +17,14 @@ import pytest
 
 from conftest import CaoEnv, kill_pid, pid_alive, wait_for
 from mock_llm import MockLLM
+from real_cli_setup import BINARIES, BIN_DIRS, CLIS, installed, user_setup, write
 
 pytestmark = pytest.mark.real_cli
-CLIS = Path(os.environ.get("CAO_TEST_CLIS", Path.home() / ".cache" / "cao-clis"))
-BIN_DIRS = [CLIS / "npm" / "node_modules" / ".bin", CLIS / "kimi-venv" / "bin",
-            CLIS / "hermes-venv" / "bin"]
-BINARIES = {"claude_code": "claude", "codex": "codex", "gemini_cli": "gemini",
-            "opencode_cli": "opencode", "copilot_cli": "copilot", "qwen_code": "qwen",
-            "kimi_cli": "kimi", "hermes": "hermes"}
-
-
-def _installed(provider):
-    return any((d / BINARIES[provider]).exists() for d in BIN_DIRS)
-
-
 def _needs(*providers):
-    missing = [p for p in providers if not _installed(p)]
+    missing = [p for p in providers if not installed(p)]
     return pytest.mark.skipif(bool(missing), reason=f"not installed under {CLIS}: "
                               f"{', '.join(BINARIES[p] for p in missing)} (.ci/run installs them)")
 
-
-def _write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
-def user_setup(provider, home, mock_url):
-    """What a user does once per CLI (log in, pick an endpoint), aimed at the mock.
-    Returns the environment variables the user would export."""
-    v1 = mock_url + "/v1"
-    if provider == "claude_code":
-        _write(home / ".claude.json", json.dumps({"hasCompletedOnboarding": True, "theme": "dark"}))
-        return {"ANTHROPIC_BASE_URL": mock_url, "ANTHROPIC_AUTH_TOKEN": "mock-key",
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1",
-                "DISABLE_ERROR_REPORTING": "1"}
-    if provider == "codex":
-        _write(home / ".codex" / "config.toml", "\n".join([
-            'model = "gpt-5"', 'model_provider = "mock"', "check_for_update_on_startup = false",
-            "[model_providers.mock]", 'name = "mock"', f'base_url = "{v1}"',
-            'env_key = "MOCK_API_KEY"', 'wire_api = "responses"', "[analytics]", "enabled = false", ""]))
-        return {"MOCK_API_KEY": "mock-key"}
-    if provider in ("gemini_cli", "qwen_code"):
-        qwen = provider == "qwen_code"
-        settings = {"security": {"auth": {"selectedType": "openai" if qwen else "gemini-api-key"}},
-                    "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
-                    "privacy": {"usageStatisticsEnabled": False}, "telemetry": {"enabled": False},
-                    "ui": {"theme": "Default"}}
-        if qwen:
-            settings["model"] = {"name": "mock-model"}
-            _write(home / ".qwen" / "settings.json", json.dumps(settings))
-            return {"OPENAI_API_KEY": "mock-key", "OPENAI_BASE_URL": v1, "OPENAI_MODEL": "mock-model"}
-        _write(home / ".gemini" / "settings.json", json.dumps(settings))
-        return {"GEMINI_API_KEY": "mock-key", "GOOGLE_GEMINI_BASE_URL": mock_url,
-                "COLORTERM": "truecolor"}
-    if provider == "opencode_cli":
-        _write(home / ".config" / "opencode" / "opencode.json", json.dumps({
-            "model": "mock/mock-model", "small_model": "mock/mock-model", "autoupdate": False,
-            "share": "disabled", "provider": {"mock": {
-                "npm": "@ai-sdk/openai-compatible", "name": "Mock",
-                "options": {"baseURL": v1, "apiKey": "mock-key"},
-                "models": {"mock-model": {"name": "Mock Model", "tool_call": True,
-                                          "limit": {"context": 128000, "output": 4096}}}}}}))
-        return {"OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-                "OPENCODE_DISABLE_SHARE": "1"}
-    if provider == "copilot_cli":
-        return {"COPILOT_OFFLINE": "true", "COPILOT_PROVIDER_BASE_URL": v1,
-                "COPILOT_PROVIDER_TYPE": "openai", "COPILOT_PROVIDER_API_KEY": "mock-key",
-                "COPILOT_MODEL": "gpt-4o"}
-    if provider == "kimi_cli":
-        _write(home / ".kimi" / "config.toml", "\n".join([
-            'default_model = "mock"', "[providers.mockp]", 'type = "openai_legacy"',
-            f'base_url = "{v1}"', 'api_key = "mock-key"', "[models.mock]", 'provider = "mockp"',
-            'model = "mock-model"', "max_context_size = 128000", ""]))
-        return {}
-    if provider == "hermes":
-        _write(home / ".hermes" / "config.yaml", "\n".join([
-            "model:", "  provider: custom", f"  base_url: {v1}", "  api_key: mock-key",
-            "  default: mock-model", "  api_mode: chat_completions", ""]))
-        return {}
-    raise AssertionError(provider)
 
 
 class RealEnv(CaoEnv):
@@ -120,7 +49,7 @@ class RealEnv(CaoEnv):
     def profile(self, name, provider, prompt, **front):
         lines = [f"name: {name}", f"description: e2e {name}", f"provider: {provider}"]
         lines += [f"{k}: {json.dumps(v)}" for k, v in front.items()]
-        _write(self.profiles / f"{name}.md", "---\n" + "\n".join(lines) + "\n---\n" + prompt + "\n")
+        write(self.profiles / f"{name}.md", "---\n" + "\n".join(lines) + "\n---\n" + prompt + "\n")
 
     def cleanup(self):
         # A CLI's own children (MCP servers, shells) share its process group.
@@ -198,7 +127,7 @@ TURN_CLIS = list(BINARIES)
                                              "under investigation (issue 4 note)", strict=False))
     if p == "gemini_cli" else p for p in TURN_CLIS])
 def test_real_cli_turn_status_and_answer(real_env, mock, provider):
-    if not _installed(provider):
+    if not installed(provider):
         pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
     env = real_env(provider)
     env.profile("agent", provider, "You are the e2e agent. PROMPT-MARKER-31.")
@@ -249,7 +178,7 @@ def _warm_up(env, mock, term, tool):
 @pytest.mark.parametrize("boss,worker", [("claude_code", "codex"), ("codex", "gemini_cli")])
 def test_real_supervisor_hands_off_to_a_real_worker(real_env, mock, boss, worker):
     for provider in (boss, worker):
-        if not _installed(provider):
+        if not installed(provider):
             pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS}")
     env = real_env(boss, worker)
     env.profile("boss", boss, "You supervise. Delegate with handoff.")
