@@ -1218,7 +1218,9 @@ PROVIDERS.update({
         "status": [
             ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
             ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Using "],
-            ["completed", r"^• "],
+            # Its start-up MCP list is bulleted too ("• cao-mcp-server (connecting)"):
+            # a bullet counts below a prompt line, or once that list has scrolled away.
+            ["completed", r"^✨ .*\n(?:.*\n)*?• |\A(?![\s\S]*MCP Servers:)[\s\S]*?^• "],
             ["idle", r"── input ──"],
         ],
         "tail_lines": 60,

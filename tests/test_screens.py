@@ -51,8 +51,18 @@ def test_every_registry_cli_has_a_corpus_with_every_state():
         assert {"idle", "processing", "completed", "waiting_user_answer"} <= states, provider
 
 
+def test_every_registry_cli_is_captured_at_both_sizes():
+    """bench/capture_screens.py writes <state>-<W>x<H> for each state."""
+    for entry in LABELS.values():
+        names = set(entry["screens"])
+        for size in ("220x50", "80x24"):
+            for state in ("idle", "processing", "completed", "waiting_user_answer"):
+                assert f"{state}-{size}" in names, (entry["provider"], state, size)
+
+
 def test_completed_screens_give_the_mock_answer():
     answers = [label["answer"] for entry in LABELS.values() for label in entry["screens"].values()
                if label.get("status") == "completed" and "answer" in label]
     assert len(answers) >= 25
-    assert all(a.startswith(("MOCK-ANSWER-42", "MOCK-TOOL-DONE-42")) for a in answers), answers
+    assert all(a.startswith(("MOCK-ANSWER-42", "MOCK-TOOL-DONE-42", "CAPTURE-ANSWER-7"))
+               for a in answers), answers
