@@ -1000,6 +1000,7 @@ _TEMPLATE_FIELD = re.compile(r"\{([a-z_]+)\}")
 _ENTER = ["Enter"]
 _SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · esc to cancel)\)"
 _RULE = r"^\s*[─━]{20,}"
+_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^• )"
 
 PROVIDERS = {
     "demo": {
@@ -1184,12 +1185,14 @@ PROVIDERS.update({
                                 "env": "{mcp_env}", "tools": ["*"]}}}},
                             "--allow-tool", CAO_MCP_NAME],
                  "model": ["--model", "{model}"], "yolo": ["--allow-all"],
-                 "restricted": ["--deny-tool", "{disallowed_tools}"]},
+                 # --excluded-tools hides them from the model; --deny-tool only refuses a call.
+                 "restricted": ["--excluded-tools", "{disallowed_tools}"]},
         "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
         "files": {".github/copilot-instructions.md": {"when": "system_prompt",
                                                       "value": "{system_prompt}"}},
-        "tools": {"execute_bash": ["shell"], "fs_read": ["read"], "fs_write": ["write"],
-                  "fs_list": ["list", "grep"]},
+        "tools": {"execute_bash": ["bash", "read_bash", "write_bash", "stop_bash", "list_bash"],
+                  "fs_read": ["view"], "fs_write": ["apply_patch", "edit", "create"],
+                  "fs_list": ["glob", "rg"], "web_fetch": ["web_fetch"]},
         "status": [
             ["waiting_user_answer", r"Do you want to (use this tool|run this command|allow)"
                                     r"|↑/↓ to navigate"],
@@ -1218,14 +1221,17 @@ PROVIDERS.update({
         "status": [
             ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
             ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Using "],
-            # Its start-up MCP list is bulleted too ("• cao-mcp-server (connecting)"):
-            # a bullet counts below a prompt line, or once that list has scrolled away.
-            ["completed", r"^✨ .*\n(?:.*\n)*?• |\A(?![\s\S]*MCP Servers:)[\s\S]*?^• "],
+            # Done when the last bullet is an answer: not a tool line ("• Used Shell (…)",
+            # shown with no spinner before the model is asked again), and not the
+            # start-up MCP list ("• cao-mcp-server (connecting)"), so either below a
+            # prompt line or once that list has scrolled away.
+            ["completed", r"^✨ .*\n(?:.*\n)*?" + _KIMI_LAST_ANSWER
+                          + r"|\A(?![\s\S]*MCP Servers:)[\s\S]*?" + _KIMI_LAST_ANSWER],
             ["idle", r"── input ──"],
         ],
         "tail_lines": 60,
         "turn_start_grace": 3.0,
-        "answer": {"start": r"^• ", "keep_start": True, "end": r"── input ──|^✨ "},
+        "answer": {"start": r"^• (?!Used \w+ \()", "keep_start": True, "end": r"── input ──|^✨ "},
         "exit": {"text": "/exit"},
     },
     "hermes": {

@@ -35,42 +35,16 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(Path(__file__).parent)]
 import cao  # noqa: E402
 from _common import free_port, stop_group, wait_healthy  # noqa: E402
 from mock_llm import MockLLM  # noqa: E402
-from real_cli_setup import BINARIES, BIN_DIRS, installed, user_setup  # noqa: E402
+from real_cli_setup import (APPROVAL, BINARIES, BIN_DIRS, ask_before_commands,  # noqa: E402
+                            installed, user_setup)
 
 CORPUS = REPO / "tests" / "fixtures" / "screens"
 FOLDER_PREFIX = {"claude_code": "claude", "codex": "codex", "gemini_cli": "gemini",
                  "opencode_cli": "opencode", "copilot_cli": "copilot", "qwen_code": "qwen-code",
                  "kimi_cli": "kimi-cli", "hermes": "hermes-agent"}
 ANSWER = "CAPTURE-ANSWER-7"
-# A native tool call that each CLI asks a person to approve (with no yolo flag).
-APPROVAL = {
-    "opencode_cli": ("bash", {"command": "touch cao-capture-approved", "description": "make a file"}),
-    "claude_code": ("Bash", {"command": "touch cao-capture-approved", "description": "make a file"}),
-    "codex": ("exec_command", {"cmd": "touch cao-capture-approved",
-                               "sandbox_permissions": "require_escalated",
-                               "justification": "make a file"}),
-    "gemini_cli": ("run_shell_command", {"command": "touch cao-capture-approved",
-                                         "description": "make a file"}),
-    "qwen_code": ("run_shell_command", {"command": "touch cao-capture-approved",
-                                        "description": "make a file"}),
-    "copilot_cli": ("bash", {"command": "touch cao-capture-approved", "description": "make a file"}),
-    "kimi_cli": ("Shell", {"command": "touch cao-capture-approved"}),
-    # hermes asks only for commands it deems dangerous; this path does not exist.
-    "hermes": ("terminal", {"command": "rm -rf /cao-capture-no-such-dir"}),
-}
 STILL_FOR = 1.5   # a screen unchanged this long counts as settled
 SETTLE_LIMIT = 20.0
-
-
-def _ask_before_commands(provider, home):
-    """The user's choice to approve commands, for the two CLIs that run them unasked by default."""
-    if provider == "codex":
-        config = home / ".codex" / "config.toml"
-        config.write_text('approval_policy = "on-request"\n' + config.read_text(), "utf-8")
-    if provider == "opencode_cli":
-        config = home / ".config" / "opencode" / "opencode.json"
-        settings = json.loads(config.read_text(encoding="utf-8"))
-        config.write_text(json.dumps({**settings, "permission": {"bash": "ask"}}), "utf-8")
 
 
 class CaptureRun:
@@ -90,7 +64,7 @@ class CaptureRun:
                    CAO_TMUX_SOCKET=self.socket, CAO_PROVIDER_INIT_TIMEOUT="90",
                    PATH=os.pathsep.join([str(d) for d in BIN_DIRS] + [env.get("PATH", "")]))
         env.update(user_setup(provider, self.root / "home", mock.url))
-        _ask_before_commands(provider, self.root / "home")
+        ask_before_commands(provider, self.root / "home")
         self.env = env
         (self.cao_home / "agent-store" / "capture.md").write_text(
             f"---\nname: capture\ndescription: screen capture\nprovider: {provider}\n---\n"

@@ -79,3 +79,32 @@ def user_setup(provider, home, mock_url):
             "  default: mock-model", "  api_mode: chat_completions", ""]))
         return {}
     raise AssertionError(provider)
+
+
+# A native tool call that each CLI asks a person to approve (with no yolo flag).
+APPROVAL = {
+    "opencode_cli": ("bash", {"command": "touch cao-approved-file", "description": "make a file"}),
+    "claude_code": ("Bash", {"command": "touch cao-approved-file", "description": "make a file"}),
+    "codex": ("exec_command", {"cmd": "touch cao-approved-file",
+                               "sandbox_permissions": "require_escalated",
+                               "justification": "make a file"}),
+    "gemini_cli": ("run_shell_command", {"command": "touch cao-approved-file",
+                                         "description": "make a file"}),
+    "qwen_code": ("run_shell_command", {"command": "touch cao-approved-file",
+                                        "description": "make a file"}),
+    "copilot_cli": ("bash", {"command": "touch cao-approved-file", "description": "make a file"}),
+    "kimi_cli": ("Shell", {"command": "touch cao-approved-file"}),
+    # hermes asks only for commands it deems dangerous; this path does not exist.
+    "hermes": ("terminal", {"command": "rm -rf /cao-no-such-dir"}),
+}
+
+
+def ask_before_commands(provider, home):
+    """The user's choice to approve commands, for the two CLIs that run them unasked by default."""
+    if provider == "codex":
+        config = home / ".codex" / "config.toml"
+        config.write_text('approval_policy = "on-request"\n' + config.read_text(), "utf-8")
+    if provider == "opencode_cli":
+        config = home / ".config" / "opencode" / "opencode.json"
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        config.write_text(json.dumps({**settings, "permission": {"bash": "ask"}}), "utf-8")
