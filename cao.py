@@ -971,6 +971,8 @@ def tmux_pipe(pane, fifo):
 #             is taken for the previous turn until the new turn shows
 #   input_lines  how many bottom screen lines hold the input box; text still
 #             there after Enter was not taken, and Enter is pressed again
+#   mcp_server_keys  extra keys for cao's own server inside {mcp_servers}, such
+#             as the CLI's per-server tool-call timeout (a handoff blocks)
 #   eager_input  true if the CLI safely queues input typed while it works; then,
 #             with CAO_EAGER_INBOX_DELIVERY=true, inbox messages need not wait
 #             for idle
@@ -1138,6 +1140,7 @@ PROVIDERS["qwen_code"] = {
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
              "restricted": ["--exclude-tools", "{disallowed_tools}"]},
     "env": {}, "files": {},
+    "mcp_server_keys": {"timeout": 86400000},  # ms; the default 10 min would cut a handoff
     "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
               "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],
               "web_fetch": ["web_fetch"]},
@@ -1182,7 +1185,8 @@ PROVIDERS.update({
         "install": "npm install -g @github/copilot",
         "args": {"always": ["--additional-mcp-config", {"json": {"mcpServers": {CAO_MCP_NAME: {
                                 "type": "local", "command": "{mcp_command}", "args": "{mcp_args}",
-                                "env": "{mcp_env}", "tools": ["*"]}}}},
+                                "env": "{mcp_env}", "tools": ["*"],
+                                "timeout": 86400000}}}},  # ms; the default 180 s would cut a handoff
                             "--allow-tool", CAO_MCP_NAME],
                  "model": ["--model", "{model}"], "yolo": ["--allow-all"],
                  # --excluded-tools hides them from the model; --deny-tool only refuses a call.
@@ -1298,7 +1302,7 @@ PROVIDERS["q_cli"] = {
 }
 _PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
                   "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input",
-                  "input_lines", "turn_start_grace"}
+                  "input_lines", "turn_start_grace", "mcp_server_keys"}
 
 
 def _template_strings(value):
@@ -1344,6 +1348,8 @@ def _check_provider(name, spec, origin):
             check_regex(spec["answer"][key], f"answer.{key}")
     for pattern, keys in spec.get("dialogs", []):
         check_regex(pattern, "dialog pattern")
+    if not isinstance(spec.get("mcp_server_keys", {}), dict):
+        bad('"mcp_server_keys" must be an object, e.g. {"timeout": 86400000}')
     return spec
 
 
@@ -2088,7 +2094,8 @@ class Runtime:
                                        "CAO_ENABLE_SENDER_ID_INJECTION") if k in env}
         servers = {name: server for name, server in (profile.get("mcpServers") or {}).items()
                    if isinstance(server, dict) and name != CAO_MCP_NAME}
-        servers[CAO_MCP_NAME] = {"command": mcp_argv[0], "args": mcp_argv[1:], "env": mcp_env}
+        servers[CAO_MCP_NAME] = {"command": mcp_argv[0], "args": mcp_argv[1:], "env": mcp_env,
+                                 **spec.get("mcp_server_keys", {})}
         hook = self_command() + ["hook"]
         return {"profile": profile["name"], "terminal_id": terminal_id, "system_prompt": prompt,
                 "model": profile.get("model") or "", "working_directory": workdir,

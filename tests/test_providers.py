@@ -66,6 +66,7 @@ def _settings(env, providers, **extra):
     ({"command": ["x"], "colour": "red"}, "unknown field(s) colour"),
     ({"command": ["x", "--p={nosuch}"]}, "uses nosuch; known fields"),
     ({"command": ["x"], "args": {"colour": ["--red"]}}, '"args" must map features'),
+    ({"command": ["x"], "mcp_server_keys": 5}, '"mcp_server_keys" must be an object'),
 ])
 def test_bad_user_provider_is_a_clear_error(cao_env, spec, message):
     _settings(cao_env, {"mine": spec})
