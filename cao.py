@@ -1456,6 +1456,11 @@ def _screen_tail(screen, count):
     return "\n".join([line for line in lines if line][-count:])
 
 
+def _input_tail(message):
+    """What of a sent message shows in an input box: the end of its last line."""
+    return message.strip().split("\n")[-1].strip()[-24:]
+
+
 def detect_status(spec, screen):
     tail = _screen_tail(screen, spec.get("tail_lines", 15))
     for status, pattern in spec.get("status", []):
@@ -1928,6 +1933,7 @@ class Runtime:
         self.native = {}        # terminal -> status the CLI itself reported (hooks, notify)
         self.submitted_at = {}  # terminal -> when its last input was submitted
         self.turn_seen = set()  # terminals whose screen showed the turn since that submit
+        self.unsent = {}        # terminal -> [tail of the last input, Enters re-sent, when]
         self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
@@ -2163,6 +2169,9 @@ class Runtime:
             status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
             if status in ("processing", "waiting_user_answer"):
                 self.turn_seen.add(terminal_id)
+                self.unsent.pop(terminal_id, None)
+            elif terminal_id not in self.turn_seen:
+                self._resend_enter(terminal_id, spec, row["pane_id"], screen)
             grace = spec.get("turn_start_grace", 0)
             since = time.monotonic() - self.submitted_at.get(terminal_id, -grace)
             if status in ("idle", "completed") and terminal_id not in self.turn_seen \
@@ -2181,6 +2190,22 @@ class Runtime:
         if status == "unknown" and self.status.get(terminal_id, "unknown") != "unknown":
             return
         self._set_status(terminal_id, status, row["session_name"])
+
+    def _resend_enter(self, terminal_id, spec, pane, screen):
+        """An Enter that arrived inside the paste burst can be taken as part of the
+        paste (Gemini CLI, now and then): the text then waits in the input box
+        after _submit looked. Press Enter again, up to 3 times, 1 s apart."""
+        unsent = self.unsent.get(terminal_id)
+        if not unsent or unsent[0] not in _screen_tail(screen, spec.get("input_lines", 1)):
+            return
+        if unsent[1] >= 3 or time.monotonic() - unsent[2] < 1.0:
+            if unsent[1] < 3:
+                timer = threading.Timer(1.0, self.watcher.poke, (terminal_id,))
+                timer.daemon = True
+                timer.start()
+            return
+        unsent[1:] = [unsent[1] + 1, time.monotonic()]
+        tmux_keys(pane, "Enter")
 
     def _answer_dialog(self, terminal_id, spec, pane, screen):
         """Answer a first-run question (trust this folder...) as a person would."""
@@ -2238,13 +2263,13 @@ class Runtime:
             if delay:
                 time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
             self._submit(terminal_id, pane, spec, message, enter_first=True)
-            self._submitted(terminal_id, row["session_name"])
+            self._submitted(terminal_id, row["session_name"], message)
         self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
                            (time.time(), terminal_id))
 
     def _submit(self, terminal_id, pane, spec, message, enter_first):
         """Press Enter until the message has left the agent's input line (3 tries)."""
-        needle = message.strip().split("\n")[-1].strip()[-24:]
+        needle = _input_tail(message)
         for attempt in range(3):
             if enter_first or attempt:
                 count = self.watcher.output_count(terminal_id)
@@ -2259,12 +2284,13 @@ class Runtime:
         raise Conflict(f"terminal {terminal_id} did not take the input: it is still in the agent's "
                        "input line after 3 Enters; look with tmux attach")
 
-    def _submitted(self, terminal_id, session_name):
+    def _submitted(self, terminal_id, session_name, message):
         """The agent took new input: it is busy until its screen says otherwise."""
         self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
         self.native.pop(terminal_id, None)
         self.submitted_at[terminal_id] = time.monotonic()
         self.turn_seen.discard(terminal_id)
+        self.unsent[terminal_id] = [_input_tail(message), 0, time.monotonic()]
         self._set_status(terminal_id, "processing", session_name)
         self.watcher.poke(terminal_id)
 
@@ -2274,7 +2300,7 @@ class Runtime:
         with self.input_locks.setdefault(terminal_id, threading.Lock()):
             self._submit(terminal_id, row["pane_id"], get_provider(row["provider"]), message,
                          enter_first=False)
-            self._submitted(terminal_id, row["session_name"])
+            self._submitted(terminal_id, row["session_name"], message)
 
     def send_key(self, terminal_id, key):
         if not isinstance(key, str) or not KEY_RE.fullmatch(key):
@@ -2341,6 +2367,7 @@ class Runtime:
         self.native.pop(terminal_id, None)
         self.submitted_at.pop(terminal_id, None)
         self.turn_seen.discard(terminal_id)
+        self.unsent.pop(terminal_id, None)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return

@@ -86,9 +86,11 @@ def test_missing_binary_names_the_install_command(cao_env):
     assert providers["ghost"]["installed"] is False
 
 
-def test_user_provider_with_sticky_enter_gets_its_input_submitted(cao_env):
+@pytest.mark.parametrize("late_echo", ["0", "0.6"], ids=["enter-as-newline", "late-echo"])
+def test_user_provider_with_sticky_enter_gets_its_input_submitted(cao_env, late_echo):
     _settings(cao_env, {"sticky": {
         "command": [sys.executable, str(ROOT / "tests/fixtures/sticky_agent.py")],
+        "env": {"STICKY_LATE_ECHO": late_echo},
         "status": [["completed", r"^ok: .*\n>( .*)?\Z"], ["idle", r"^>( .*)?\Z"]],
         "answer": {"start": r"^> \S", "end": r"^>( .*)?$"},
         "exit": {"keys": ["C-d"]}}}, default_provider="sticky")
