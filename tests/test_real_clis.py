@@ -125,10 +125,7 @@ def real_env(tmp_path, mock):
 TURN_CLIS = list(BINARIES)
 
 
-@pytest.mark.parametrize("provider", [
-    pytest.param(p, marks=pytest.mark.xfail(reason="flaky: 1 of 4 runs stayed processing for 90 s; "
-                                             "under investigation (issue 4 note)", strict=False))
-    if p == "gemini_cli" else p for p in TURN_CLIS])
+@pytest.mark.parametrize("provider", TURN_CLIS)
 def test_real_cli_turn_status_and_answer(real_env, mock, provider):
     if not installed(provider):
         pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
