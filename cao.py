@@ -1938,6 +1938,7 @@ class Runtime:
         self.submitted_at = {}  # terminal -> when its last input was submitted
         self.turn_seen = set()  # terminals whose screen showed the turn since that submit
         self.unsent = {}        # terminal -> [tail of the last input, Enters re-sent, when]
+        self.poke_due = {}      # terminal -> when its pending re-read timer fires
         self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
@@ -2184,9 +2185,7 @@ class Runtime:
                 # last turn's answer is still on screen: until the new turn shows,
                 # idle or completed is the old screen.
                 status = "processing"
-                timer = threading.Timer(grace - since, self.watcher.poke, (terminal_id,))
-                timer.daemon = True
-                timer.start()
+                self._poke_later(terminal_id, grace - since)
             self.watcher.rearm(terminal_id)
         if gen != self.input_gen.get(terminal_id, 0):
             self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
@@ -2202,14 +2201,28 @@ class Runtime:
         unsent = self.unsent.get(terminal_id)
         if not unsent or unsent[0] not in _screen_tail(screen, spec.get("input_lines", 1)):
             return
-        if unsent[1] >= 3 or time.monotonic() - unsent[2] < 1.0:
+        wait = unsent[2] + 1.0 - time.monotonic()
+        if unsent[1] >= 3 or wait > 0:
             if unsent[1] < 3:
-                timer = threading.Timer(1.0, self.watcher.poke, (terminal_id,))
-                timer.daemon = True
-                timer.start()
+                self._poke_later(terminal_id, wait)
             return
         unsent[1:] = [unsent[1] + 1, time.monotonic()]
         tmux_keys(pane, "Enter")
+
+    def _poke_later(self, terminal_id, delay):
+        """Re-read the screen after delay even if the pane prints nothing (one timer)."""
+        due = time.monotonic() + delay
+        if self.poke_due.get(terminal_id, float("inf")) <= due:
+            return
+        self.poke_due[terminal_id] = due
+
+        def poke():
+            if self.poke_due.get(terminal_id) == due:
+                self.poke_due.pop(terminal_id, None)
+            self.watcher.poke(terminal_id)
+        timer = threading.Timer(delay, poke)
+        timer.daemon = True
+        timer.start()
 
     def _answer_dialog(self, terminal_id, spec, pane, screen):
         """Answer a first-run question (trust this folder...) as a person would."""
@@ -2372,6 +2385,7 @@ class Runtime:
         self.submitted_at.pop(terminal_id, None)
         self.turn_seen.discard(terminal_id)
         self.unsent.pop(terminal_id, None)
+        self.poke_due.pop(terminal_id, None)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return

@@ -283,6 +283,24 @@ def http_get(port: int, path: str, timeout: float = 2.0):
         c.close()
 
 
+def http_json(port: int, method: str, path: str, body=None, timeout: float = 30.0):
+    """One JSON request to a local server: (status, parsed body or text)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw.decode(errors="replace")
+        return resp.status, payload
+    finally:
+        conn.close()
+
+
 def wait_healthy(port: int, proc: subprocess.Popen, deadline_s: float = 30.0,
                  poll_s: float = 0.005, t0: float | None = None):
     """Poll GET /health every poll_s until 200; return seconds since t0

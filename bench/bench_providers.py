@@ -145,23 +145,6 @@ def sweep_leftovers(marker: str) -> list:
 # HTTP
 # --------------------------------------------------------------------------
 
-def request(port: int, method: str, path: str, body=None, timeout: float = 30.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            payload = json.loads(raw) if raw else None
-        except ValueError:
-            payload = raw.decode(errors="replace")
-        return resp.status, payload
-    finally:
-        conn.close()
-
-
 class StatusPoller(threading.Thread):
     """GET /terminals/{id} every POLL_S over one kept-alive connection; keeps
     (t_sent, t_received, status) for every answer (wall clock, time.time())."""
@@ -561,7 +544,7 @@ class Side:
                 f"&session_name={name}&working_directory="
                 + urllib.parse.quote(str(self.project)))
         t0 = time.time()
-        code, body = request(self.port, "POST", path, timeout=CREATE_TIMEOUT)
+        code, body = C.http_json(self.port, "POST", path, timeout=CREATE_TIMEOUT)
         if code != 201 or not isinstance(body, dict) or "id" not in body:
             raise RuntimeError(f"POST /sessions -> {code}: {str(body)[:300]}")
         t_ready, status = wait_ready(self.port, body["id"], CREATE_TIMEOUT)
@@ -571,7 +554,7 @@ class Side:
 
     def delete_session(self, session):
         try:
-            request(self.port, "DELETE", f"/sessions/{session}", timeout=60)
+            C.http_json(self.port, "DELETE", f"/sessions/{session}", timeout=60)
         except OSError:
             pass
 
@@ -594,7 +577,7 @@ class Side:
                "last_byte": None, "done_s": None, "done_event_s": None, "error": None}
         try:
             t_post = out["t_post"] = time.time()
-            code, body = request(self.port, "POST", self.input_path(terminal_id, message),
+            code, body = C.http_json(self.port, "POST", self.input_path(terminal_id, message),
                                  self.input_body(message), timeout=60)
             out["post_s"] = time.time() - t_post
             if code != 200:
@@ -704,10 +687,10 @@ class CaoSide(Side):
         return {"message": message}
 
     def event_seq(self):
-        return request(self.port, "GET", "/events?wait=0")[1]["next"]
+        return C.http_json(self.port, "GET", "/events?wait=0")[1]["next"]
 
     def event_completed(self, seq, terminal_id):
-        events = request(self.port, "GET", f"/events?after={seq}")[1]["events"]
+        events = C.http_json(self.port, "GET", f"/events?after={seq}")[1]["events"]
         for e in events:
             if e["kind"] == "status" and e["terminal_id"] == terminal_id \
                     and e["data"].get("status") == "completed":

@@ -17,7 +17,6 @@ The CLIs come from $CAO_TEST_CLIS (see .ci/install-clis). Needs the `mcp` packag
 the interpreter that runs this (cao gives each agent its MCP server).
 """
 import argparse
-import http.client
 import json
 import os
 import re
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(Path(__file__).parent)]
 
 import cao  # noqa: E402
-from _common import free_port, stop_group, wait_healthy  # noqa: E402
+from _common import free_port, http_json, stop_group, wait_healthy  # noqa: E402
 from mock_llm import MockLLM  # noqa: E402
 from real_cli_setup import (APPROVAL, BINARIES, BIN_DIRS, ask_before_commands,  # noqa: E402
                             installed, user_setup)
@@ -77,14 +76,7 @@ class CaptureRun:
         wait_healthy(self.port, self.server)
 
     def request(self, method, path, body=None, timeout=120):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, json.dumps(body) if body is not None else None,
-                         {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, json.loads(response.read() or b"null")
-        finally:
-            conn.close()
+        return http_json(self.port, method, path, body, timeout)
 
     def tmux(self, *args):
         return subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
