@@ -969,6 +969,8 @@ def tmux_pipe(pane, fifo):
 #   submit    {"enter_delay": seconds between paste and Enter}
 #   turn_start_grace  seconds after a submit in which an idle or completed screen
 #             is taken for the previous turn until the new turn shows
+#   settle    seconds a new completed screen's answer must stay unchanged before
+#             completed is reported (for a CLI that finishes drawing late)
 #   input_lines  how many bottom screen lines hold the input box; text still
 #             there after Enter was not taken, and Enter is pressed again
 #   mcp_server_keys  extra keys for cao's own server inside {mcp_servers}, such
@@ -1196,8 +1198,9 @@ PROVIDERS.update({
                  # --excluded-tools hides them from the model; --deny-tool only refuses a call.
                  "restricted": ["--excluded-tools", "{disallowed_tools}"]},
         "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
-        "files": {".github/copilot-instructions.md": {"when": "system_prompt",
-                                                      "value": "{system_prompt}"}},
+        # Copilot reads *.instructions.md (not copilot-instructions.md) from these dirs.
+        "files": {"cao-profile.instructions.md": {"when": "system_prompt",
+                                                  "value": "{system_prompt}"}},
         "tools": {"execute_bash": ["bash", "read_bash", "write_bash", "stop_bash", "list_bash"],
                   "fs_read": ["view"], "fs_write": ["apply_patch", "edit", "create"],
                   "fs_list": ["glob", "rg"], "web_fetch": ["web_fetch"]},
@@ -1210,6 +1213,7 @@ PROVIDERS.update({
         ],
         "tail_lines": 60,
         "turn_start_grace": 3.0,
+        "settle": 0.15,  # it clears the busy footer a frame before the answer's last words
         "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
                    "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
         "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
@@ -1306,7 +1310,7 @@ PROVIDERS["q_cli"] = {
 }
 _PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
                   "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input",
-                  "input_lines", "turn_start_grace", "mcp_server_keys"}
+                  "input_lines", "turn_start_grace", "mcp_server_keys", "settle"}
 
 
 def _template_strings(value):
@@ -1352,6 +1356,10 @@ def _check_provider(name, spec, origin):
             check_regex(spec["answer"][key], f"answer.{key}")
     for pattern, keys in spec.get("dialogs", []):
         check_regex(pattern, "dialog pattern")
+    for key in ("settle", "turn_start_grace", "tail_lines", "input_lines"):
+        value = spec.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            bad(f'"{key}" must be a number >= 0, not {value!r}')
     if not isinstance(spec.get("mcp_server_keys", {}), dict):
         bad('"mcp_server_keys" must be an object, e.g. {"timeout": 86400000}')
     return spec
@@ -1939,6 +1947,7 @@ class Runtime:
         self.turn_seen = set()  # terminals whose screen showed the turn since that submit
         self.unsent = {}        # terminal -> [tail of the last input, Enters re-sent, when]
         self.poke_due = {}      # terminal -> when its pending re-read timer fires
+        self.settling = {}      # terminal -> (answer on its new completed screen, since when)
         self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
         self.status_listeners = []
         self._sessions_cache = (0.0, {})
@@ -2187,12 +2196,31 @@ class Runtime:
                 status = "processing"
                 self._poke_later(terminal_id, grace - since)
             self.watcher.rearm(terminal_id)
+            if status == "completed" and not self._answer_settled(terminal_id, spec, screen):
+                return
         if gen != self.input_gen.get(terminal_id, 0):
             self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
             return
         if status == "unknown" and self.status.get(terminal_id, "unknown") != "unknown":
             return
         self._set_status(terminal_id, status, row["session_name"])
+
+    def _answer_settled(self, terminal_id, spec, screen):
+        """With `settle`, a new completed screen counts once its answer has stayed the
+        same that long: Copilot CLI drops its busy footer a frame or more before it
+        draws the end of the answer."""
+        settle = spec.get("settle", 0)
+        if not settle or self.status.get(terminal_id) == "completed":
+            return True
+        answer, now = extract_answer(spec, screen), time.monotonic()
+        seen = self.settling.get(terminal_id)
+        if seen is None or seen[0] != answer:
+            seen = self.settling[terminal_id] = (answer, now)
+        if now - seen[1] >= settle:
+            del self.settling[terminal_id]
+            return True
+        self._poke_later(terminal_id, seen[1] + settle - now)
+        return False
 
     def _resend_enter(self, terminal_id, spec, pane, screen):
         """An Enter that arrived inside the paste burst can be taken as part of the
@@ -2307,6 +2335,7 @@ class Runtime:
         self.native.pop(terminal_id, None)
         self.submitted_at[terminal_id] = time.monotonic()
         self.turn_seen.discard(terminal_id)
+        self.settling.pop(terminal_id, None)
         self.unsent[terminal_id] = [_input_tail(message), 0, time.monotonic()]
         self._set_status(terminal_id, "processing", session_name)
         self.watcher.poke(terminal_id)
@@ -2386,6 +2415,7 @@ class Runtime:
         self.turn_seen.discard(terminal_id)
         self.unsent.pop(terminal_id, None)
         self.poke_due.pop(terminal_id, None)
+        self.settling.pop(terminal_id, None)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return

@@ -117,3 +117,22 @@ def test_multiline_message_is_one_input_for_the_demo(server):
     screen = server.request("GET", f"/terminals/{term['id']}/output")[1]["output"]
     assert [l for l in screen.splitlines() if l.startswith("done:")] == ["done: line one"]
     assert "line one\u21b5line two\u21b5line three" in screen
+
+
+@pytest.mark.parametrize("settle", [0, 1.5], ids=["no-settle", "settle"])
+def test_settle_waits_for_an_answer_drawn_after_the_done_screen(cao_env, settle):
+    _settings(cao_env, {"late": {
+        "command": [sys.executable, str(ROOT / "tests/fixtures/late_answer_agent.py")],
+        "status": [["processing", r"^working\.\.\."], ["completed", r"^answer: .*\n>\s*\Z"],
+                   ["idle", r"^>\s*\Z"]],
+        "answer": {"start": r"^answer: ", "keep_start": True, "end": r"^>"},
+        "settle": settle, "exit": {"keys": ["C-d"]}}}, default_provider="late")
+    cao_env.start_server()
+    code, term = cao_env.request("POST", "/sessions?agent_profile=developer&session_name=late")
+    assert code == 201 and term["status"] == "idle", term
+    assert cao_env.request("POST", f"/terminals/{term['id']}/input", {"message": "go"})[0] == 200
+    wait_for(lambda: cao_env.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
+             what="the late agent's done screen")
+    answer = cao_env.request("GET", f"/terminals/{term['id']}/output?mode=last")[1]["output"]
+    # Without settle, completed comes with the half-drawn answer (the test can see the bug).
+    assert answer == ("go first half, second half" if settle else "go first half")

@@ -142,8 +142,7 @@ def test_real_cli_turn_status_and_answer(real_env, mock, provider):
     code, body = env.request("GET", f"/terminals/{term}/output?mode=last")
     assert code == 200 and body["output"] == f"REAL-ANSWER-{provider}", env.screen(term)[-2000:]
     main = mock.wait_for(lambda r: r["kind"] == "main" and "please answer" in r["user_text"])
-    if provider != "copilot_cli":  # known limit: Copilot ignores cao's instructions dir
-        assert "PROMPT-MARKER-31" in main["system_text"] + json.dumps(main["body"])
+    assert "PROMPT-MARKER-31" in main["system_text"] + json.dumps(main["body"])
     # A second turn: the status cycles again, and by now the CLI has connected to
     # cao's MCP server (CLIs do not wait for MCP servers before their first prompt).
     mock.reply("second question", text=f"SECOND-ANSWER-{provider}")
