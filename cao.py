@@ -988,6 +988,7 @@ def tmux_pipe(pane, fifo):
 # that runs `{hook} <status>` when its turn starts, ends or needs approval (Claude
 # Code hooks, Codex notify) tells cao its state beside the screen.
 
+NO_ANSWER_WAIT = 1.0  # s a completed screen with no answer on it waits for one to be drawn
 STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "unknown")
 READY_STATUSES = ("idle", "completed", "waiting_user_answer")
 LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory",
@@ -2206,20 +2207,22 @@ class Runtime:
         self._set_status(terminal_id, status, row["session_name"])
 
     def _answer_settled(self, terminal_id, spec, screen):
-        """With `settle`, a new completed screen counts once its answer has stayed the
-        same that long: Copilot CLI drops its busy footer a frame or more before it
-        draws the end of the answer."""
-        settle = spec.get("settle", 0)
-        if not settle or self.status.get(terminal_id) == "completed":
+        """A new completed screen counts once its answer is drawn and has stayed the
+        same for the provider's `settle` seconds: opencode draws its done line before
+        the answer, Copilot CLI clears its busy footer before the answer's last words.
+        A done screen that shows no answer at all counts after NO_ANSWER_WAIT."""
+        if self.status.get(terminal_id) == "completed" or not spec.get("answer"):
             return True
         answer, now = extract_answer(spec, screen), time.monotonic()
         seen = self.settling.get(terminal_id)
         if seen is None or seen[0] != answer:
             seen = self.settling[terminal_id] = (answer, now)
-        if now - seen[1] >= settle:
+        hold = NO_ANSWER_WAIT if answer is None else spec.get("settle", 0)
+        wait = seen[1] + hold - now
+        if wait <= 0:
             del self.settling[terminal_id]
             return True
-        self._poke_later(terminal_id, seen[1] + settle - now)
+        self._poke_later(terminal_id, wait)
         return False
 
     def _resend_enter(self, terminal_id, spec, pane, screen):

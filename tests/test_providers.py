@@ -119,13 +119,20 @@ def test_multiline_message_is_one_input_for_the_demo(server):
     assert "line one\u21b5line two\u21b5line three" in screen
 
 
-@pytest.mark.parametrize("settle", [0, 1.5], ids=["no-settle", "settle"])
-def test_settle_waits_for_an_answer_drawn_after_the_done_screen(cao_env, settle):
+@pytest.mark.parametrize("settle,first,late,expected", [
+    (0, "first half", "1.0", "go first half"),  # without settle the test sees the bug
+    (1.5, "first half", "1.0", "go first half, second half"),
+    (0, "", "0.5", "go first half, second half"),  # a done screen without its answer waits
+    (0, "", "30", None),  # ... but not forever (cao.NO_ANSWER_WAIT)
+], ids=["no-settle", "settle", "answer-after-done", "answer-never-drawn"])
+def test_completed_waits_for_an_answer_drawn_after_the_done_screen(cao_env, settle, first, late,
+                                                                   expected):
     _settings(cao_env, {"late": {
         "command": [sys.executable, str(ROOT / "tests/fixtures/late_answer_agent.py")],
-        "status": [["processing", r"^working\.\.\."], ["completed", r"^answer: .*\n>\s*\Z"],
+        "env": {"LATE_FIRST": first, "LATE_DRAW": late},
+        "status": [["processing", r"^working\.\.\."], ["completed", r"^answer:.*\n>\s*\Z"],
                    ["idle", r"^>\s*\Z"]],
-        "answer": {"start": r"^answer: ", "keep_start": True, "end": r"^>"},
+        "answer": {"start": r"^answer: ?", "keep_start": True, "end": r"^>"},
         "settle": settle, "exit": {"keys": ["C-d"]}}}, default_provider="late")
     cao_env.start_server()
     code, term = cao_env.request("POST", "/sessions?agent_profile=developer&session_name=late")
@@ -133,6 +140,5 @@ def test_settle_waits_for_an_answer_drawn_after_the_done_screen(cao_env, settle)
     assert cao_env.request("POST", f"/terminals/{term['id']}/input", {"message": "go"})[0] == 200
     wait_for(lambda: cao_env.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
              what="the late agent's done screen")
-    answer = cao_env.request("GET", f"/terminals/{term['id']}/output?mode=last")[1]["output"]
-    # Without settle, completed comes with the half-drawn answer (the test can see the bug).
-    assert answer == ("go first half, second half" if settle else "go first half")
+    code, body = cao_env.request("GET", f"/terminals/{term['id']}/output?mode=last")
+    assert (code, body.get("output")) == ((200, expected) if expected else (404, None)), body
