@@ -2319,18 +2319,35 @@ class Runtime:
         """Press Enter until the message has left the agent's input line (3 tries)."""
         needle = _input_tail(message)
         for attempt in range(3):
-            if enter_first or attempt:
-                count = self.watcher.output_count(terminal_id)
+            count = self.watcher.output_count(terminal_id)
+            pressed = enter_first or attempt > 0
+            if pressed:
                 tmux_keys(pane, "Enter")
-                self.watcher.wait_settled(terminal_id, count)
+            if self._input_taken(terminal_id, pane, spec, needle, count, pressed):
+                return
+        raise Conflict(f"terminal {terminal_id} did not take the input: it is still in the agent's "
+                       "input line after 3 Enters; look with tmux attach")
+
+    def _input_taken(self, terminal_id, pane, spec, needle, count, pressed):
+        """After an Enter, look at each burst of output: True as soon as the message has
+        left the input line (or the agent looks busy); False once the pane stayed quiet
+        for 80 ms, or 1 s passed, with the message still there. A CLI that animates
+        without pause (Codex, Gemini) is thus not waited on for the whole second."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            printed = pressed and self.watcher.wait_settled(
+                terminal_id, count, quiet=0.01, timeout=max(0.0, deadline - time.monotonic()))
+            count = self.watcher.output_count(terminal_id)
             state = tmux_capture_state(pane)
             if state is None or state[1]:
                 raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
             if needle not in _screen_tail(state[0], spec.get("input_lines", 1)) or \
                     detect_status(spec, state[0]) == "processing":
-                return
-        raise Conflict(f"terminal {terminal_id} did not take the input: it is still in the agent's "
-                       "input line after 3 Enters; look with tmux attach")
+                return True
+            left = deadline - time.monotonic()
+            if not printed or left <= 0 or not self.watcher.wait_settled(
+                    terminal_id, count, quiet=0.0, timeout=min(0.08, left)):
+                return False
 
     def _submitted(self, terminal_id, session_name, message):
         """The agent took new input: it is busy until its screen says otherwise."""
