@@ -1005,6 +1005,8 @@ _TEMPLATE_FIELD = re.compile(r"\{([a-z_]+)\}")
 _ENTER = ["Enter"]
 _SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · esc to cancel)\)"
 _RULE = r"^\s*[─━]{20,}"
+# The system settings cao points Gemini CLI and Qwen Code at; they win over the user's own.
+_NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
 _KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^• )"
 
 PROVIDERS = {
@@ -1115,7 +1117,7 @@ PROVIDERS = {
             "settings.json": {"json": {"mcpServers": {CAO_MCP_NAME: {
                 "command": "{mcp_command}", "args": "{mcp_args}", "env": "{mcp_env}",
                 "timeout": 86400000, "trust": True}},
-                "tools": {"exclude": "{disallowed_tools}"}}},
+                "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}},
             "system.md": {"when": "system_prompt", "value": "{system_prompt}"},
         },
         "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file", "read_many_files"],
@@ -1146,7 +1148,9 @@ PROVIDERS["qwen_code"] = {
              "system_prompt": ["--append-system-prompt", "{system_prompt}"],
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
              "restricted": ["--exclude-tools", "{disallowed_tools}"]},
-    "env": {}, "files": {},
+    # Without this, a first start from a fresh HOME runs `npm install -g` of the latest qwen.
+    "env": {"QWEN_CODE_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json"},
+    "files": {"settings.json": {"json": {"general": _NO_SELF_UPDATE}}},
     "mcp_server_keys": {"timeout": 86400000},  # ms; the default 10 min would cut a handoff
     "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
               "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],

@@ -25,9 +25,11 @@ def write(path, text):
     path.write_text(text, encoding="utf-8")
 
 
-def user_setup(provider, home, mock_url):
+def user_setup(provider, home, mock_url, updates_off=True):
     """What a user does once per CLI (log in, pick an endpoint), aimed at the mock.
-    Returns the environment variables the user would export."""
+    Returns the environment variables the user would export. updates_off=False
+    leaves Gemini's and Qwen's self-update on, as a user who never looked at it
+    (cao must keep them from updating themselves)."""
     v1 = mock_url + "/v1"
     if provider == "claude_code":
         write(home / ".claude.json", json.dumps({"hasCompletedOnboarding": True, "theme": "dark"}))
@@ -43,9 +45,10 @@ def user_setup(provider, home, mock_url):
     if provider in ("gemini_cli", "qwen_code"):
         qwen = provider == "qwen_code"
         settings = {"security": {"auth": {"selectedType": "openai" if qwen else "gemini-api-key"}},
-                    "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
                     "privacy": {"usageStatisticsEnabled": False}, "telemetry": {"enabled": False},
                     "ui": {"theme": "Default"}}
+        if updates_off:
+            settings["general"] = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
         if qwen:
             settings["model"] = {"name": "mock-model"}
             write(home / ".qwen" / "settings.json", json.dumps(settings))

@@ -42,9 +42,12 @@ class RealEnv(CaoEnv):
         self.user_home = tmp_path / "user-home"
         self.user_home.mkdir()
         path = os.pathsep.join([str(d) for d in BIN_DIRS] + [os.environ.get("PATH", "")])
-        self.env.update(HOME=str(self.user_home), PATH=path, CAO_PROVIDER_INIT_TIMEOUT="90")
+        # A CLI that updates itself (qwen does, unless cao stops it) installs here.
+        self.npm_global = tmp_path / "npm-global"
+        self.env.update(HOME=str(self.user_home), PATH=path, CAO_PROVIDER_INIT_TIMEOUT="90",
+                        npm_config_prefix=str(self.npm_global))
         for provider in providers:
-            self.env.update(user_setup(provider, self.user_home, mock.url))
+            self.env.update(user_setup(provider, self.user_home, mock.url, updates_off=False))
         profiles = self.home / "agent-store"
         profiles.mkdir(parents=True)
         self.profiles = profiles
@@ -157,6 +160,8 @@ def test_real_cli_turn_status_and_answer(real_env, mock, provider):
         # Qwen Code defers MCP tools: it names them in the request and loads them on use.
         assert any(name.endswith("handoff") for name in second["tool_names"]) or \
             "mcp__cao-mcp-server__handoff" in json.dumps(second["body"]), second["tool_names"]
+    assert not env.npm_global.exists(), "the CLI ran npm install -g: " + \
+        " ".join(str(p) for p in env.npm_global.rglob("*"))[:500]
 
 
 def _tool_ready(mock, name):
