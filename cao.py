@@ -1003,7 +1003,8 @@ ROLE_TOOLS = {"supervisor": ["@cao-mcp-server", "fs_read", "fs_list"],
               "developer": ["@builtin", "fs_*", "execute_bash", "web_fetch", "@cao-mcp-server"]}
 _TEMPLATE_FIELD = re.compile(r"\{([a-z_]+)\}")
 _ENTER = ["Enter"]
-_SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · esc to cancel)\)"
+# "(esc to cancel, 3s)" (Gemini); "(2s · esc to cancel)", "(1s · ↓ 13 tokens · esc to cancel)" (Qwen)
+_SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · (.* · )?esc to cancel)\)"
 _RULE = r"^\s*[─━]{20,}"
 # The system settings cao points Gemini CLI and Qwen Code at; they win over the user's own.
 _NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
