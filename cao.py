@@ -1008,7 +1008,9 @@ _SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · (.* · )?esc to 
 _RULE = r"^\s*[─━]{20,}"
 # The system settings cao points Gemini CLI and Qwen Code at; they win over the user's own.
 _NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
-_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^• )"
+# The last bullet is an answer with no bullet or prompt below it, and its input box
+# is drawn (kimi redraws the whole screen at the end of a turn, top to bottom).
+_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^(?:• |✨ ))[\s\S]*── input ──"
 
 PROVIDERS = {
     "demo": {
@@ -1238,7 +1240,11 @@ PROVIDERS.update({
                                     "system_prompt_args": {"ROLE_ADDITIONAL": "{system_prompt}"}}}}}},
         "status": [
             ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
-            ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Using "],
+            # A spinner ("⠋ Using …", "⠋ Composing… <1s · 3 tokens"; the start-up
+            # "⠏ MCP Servers: …" line stays drawn), or a prompt or tool line with
+            # nothing below it yet: the turn goes on between spinner frames.
+            ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] (?!MCP Servers:)"
+                           r"|^(?:✨ |• Used \w+ \()(?![\s\S]*^(?:• |✨ ))"],
             # Done when the last bullet is an answer: not a tool line ("• Used Shell (…)",
             # shown with no spinner before the model is asked again), and not the
             # start-up MCP list ("• cao-mcp-server (connecting)"), so either below a
@@ -1756,7 +1762,7 @@ class StatusWatcher(threading.Thread):
     and, once a pane's output settles, calls refresh(terminal_id) to re-read its
     screen. An idle pane costs nothing; there is no per-terminal poll loop."""
 
-    QUIET = 0.025       # re-read a screen once its output paused this long ...
+    QUIET = 0.010       # re-read a screen once its output paused this long ...
     MAX_DELAY = 0.1     # ... or at least this often while it keeps printing
 
     def __init__(self, fifo_dir, log_dir, refresh):
