@@ -2208,10 +2208,10 @@ class Runtime:
                 status = "processing"
                 self._poke_later(terminal_id, grace - since)
             self.watcher.rearm(terminal_id)
-            if status == "completed" and not self._answer_settled(terminal_id, spec, screen):
-                return
         if gen != self.input_gen.get(terminal_id, 0):
             self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
+            return
+        if status == "completed" and not self._answer_settled(terminal_id, spec, screen):
             return
         if status == "unknown" and self.status.get(terminal_id, "unknown") != "unknown":
             return
