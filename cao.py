@@ -1006,6 +1006,11 @@ _ENTER = ["Enter"]
 # "(esc to cancel, 3s)" (Gemini); "(2s · esc to cancel)", "(1s · ↓ 13 tokens · esc to cancel)" (Qwen)
 _SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · (.* · )?esc to cancel)\)"
 _RULE = r"^\s*[─━]{20,}"
+# Gemini CLI / Qwen Code: an answer (✦) with no past prompt line below it, only the
+# input box ("> " or, in yolo mode, "* "; it may hold typed text), and that box drawn
+# (not the previous turn's answer, not a half-redrawn screen).
+_LAST_SPARKLE_ANSWER = (r"^\s*✦ (?![\s\S]*^\s*> [\s\S]*^\s*[>*] )"
+                        r"[\s\S]*(Type your message|\? for shortcuts)")
 # The system settings cao points Gemini CLI and Qwen Code at; they win over the user's own.
 _NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
 # The last bullet is an answer with no bullet or prompt below it, and its input box
@@ -1058,9 +1063,13 @@ PROVIDERS = {
         "status": [
             ["waiting_user_answer", r"^\s*Do you want to (proceed|make this edit|create|allow|use)"
                                     r"|^\s*❯ 1\. Yes"],
-            ["processing", r"esc to interrupt"],
-            ["completed", r"^[✻✢✳✶✽·*] \S+ for \d"],
-            ["idle", r"^❯|\? for shortcuts|bypass permissions on"],
+            # While it streams a long answer the spinner reads "✽ Forming… (1s · ↓ 63
+            # tokens)", without "esc to interrupt".
+            ["processing", r"esc to interrupt|^[✻✢✳✶✽·*] \S+… \("],
+            # Its done line is below its answer; the previous turn's is above.
+            ["completed", r"^[✻✢✳✶✽·*] \S+ for \d(?![\s\S]*^● )"],
+            # (a ❯ with an answer below it is a past prompt on a half-redrawn screen)
+            ["idle", r"^❯(?![\s\S]*^● )|\? for shortcuts|bypass permissions on"],
         ],
         "tail_lines": 60,
         "turn_start_grace": 3.0,
@@ -1093,8 +1102,10 @@ PROVIDERS = {
         "status": [
             ["waiting_user_answer", r"^\s*(Allow .* to run tool|Would you like to run)"
                                     r"|enter to submit \| esc to cancel|^\s*› 1\. (Allow|Yes)"],
-            ["processing", r"esc to interrupt\)"],
-            ["completed", r"^\s*(─ )?Worked for [<\d]"],
+            # An answer still streaming has no "Worked for" line below it yet (and
+            # Codex then hides its "esc to interrupt" line); the last turn's is above.
+            ["processing", r"esc to interrupt\)|^• (?![\s\S]*^\s*(─ )?Worked for [<\d])"],
+            ["completed", r"^\s*(─ )?Worked for [<\d](?![\s\S]*^• )"],
             ["idle", r"\? for shortcuts"],
         ],
         "tail_lines": 60,
@@ -1130,7 +1141,7 @@ PROVIDERS = {
         "status": [
             ["waiting_user_answer", r"Action Required|^\W*● 1\. Allow"],
             ["processing", _SPINNER_TIMER],
-            ["completed", r"^\s*✦ "],
+            ["completed", _LAST_SPARKLE_ANSWER],
             ["idle", r"Type your message"],
         ],
         "tail_lines": 60,
@@ -1161,7 +1172,7 @@ PROVIDERS["qwen_code"] = {
     "status": [
         ["waiting_user_answer", r"Waiting for user confirmation|^\W*› 1\. Yes"],
         ["processing", _SPINNER_TIMER],
-        ["completed", r"^\s*✦ "],
+        ["completed", _LAST_SPARKLE_ANSWER],
         ["idle", r"Type your message|\? for shortcuts"],
     ],
 }
@@ -1188,8 +1199,9 @@ PROVIDERS.update({
         "tail_lines": 60,
         "turn_start_grace": 3.0,
         # The sidebar shares the answer's lines, far to the right.
+        # skip_open: its input box below the last answer looks like a prompt box.
         "answer": {"start": r"^\s*(┃|⚙ )", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$",
-                   "trim": r"\s{8,}\S.*$"},
+                   "trim": r"\s{8,}\S.*$", "skip_open": True},
         "exit": {"keys": ["C-c"]},
     },
     "copilot_cli": {
@@ -1503,7 +1515,8 @@ def pending_dialog(spec, screen):
 
 
 def extract_answer(spec, text):
-    """The last answer on a screen/scrollback, or None when none is there."""
+    """The last answer on a screen/scrollback, or None when none is there or the
+    newest one has no end line below it yet (unless answer.skip_open)."""
     answer = spec.get("answer")
     if not answer:
         return None
@@ -1512,8 +1525,11 @@ def extract_answer(spec, text):
     start_re, end_re = re.compile(answer["start"]), re.compile(answer["end"])
     end = None
     for i in range(len(lines) - 1, -1, -1):
-        if end is not None and start_re.search(lines[i]):
-            return _answer_text(lines, i, end, start_re if answer.get("keep_start") else None)
+        if start_re.search(lines[i]):
+            if end is not None:
+                return _answer_text(lines, i, end, start_re if answer.get("keep_start") else None)
+            if not answer.get("skip_open"):
+                return None  # the newest answer is still being drawn; never an older one
         if end_re.search(lines[i]):
             end = i
     return None

@@ -142,3 +142,12 @@ def test_completed_waits_for_an_answer_drawn_after_the_done_screen(cao_env, sett
              what="the late agent's done screen")
     code, body = cao_env.request("GET", f"/terminals/{term['id']}/output?mode=last")
     assert (code, body.get("output")) == ((200, expected) if expected else (404, None)), body
+
+
+def test_the_answer_is_none_while_the_newest_one_is_still_drawn():
+    spec = {"answer": {"start": r"^A: ", "keep_start": True, "end": r"^>"}}
+    screen = "> q1\nA: one\n> q2\nA: two, still dra"
+    assert cao.extract_answer(spec, screen) is None  # never the previous turn's answer
+    assert cao.extract_answer(spec, screen + "wn\n>") == "two, still drawn"
+    skip_open = {"answer": {**spec["answer"], "skip_open": True}}  # opencode's input box
+    assert cao.extract_answer(skip_open, screen) == "one"

@@ -152,7 +152,8 @@ def test_real_cli_turn_status_and_answer(real_env, mock, provider):
     seq = env.last_seq()
     env.send(term, "the second question")
     env.wait_status(term, "completed")
-    assert env.statuses_since(seq, term)[0] == "processing"
+    seen = env.statuses_since(seq, term)
+    assert seen[0] == "processing", (seen, env.screen(term)[-2500:])
     assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == \
         f"SECOND-ANSWER-{provider}"
     second = mock.wait_for(lambda r: r["kind"] == "main" and "second question" in r["user_text"])

@@ -66,3 +66,19 @@ def test_completed_screens_give_the_mock_answer():
     assert len(answers) >= 25
     assert all(a.startswith(("MOCK-ANSWER-42", "MOCK-TOOL-DONE-42", "CAPTURE-ANSWER-7"))
                for a in answers), answers
+
+
+@pytest.mark.parametrize("folder,input_line", [
+    ("claude-2.1.197", r"(?m)^❯\s*$"),
+    ("codex-0.169.0", r"(?m)^› Ask Codex to do anything.*$"),
+    ("qwen-code-0.15.10", r"(?m)^>   Type your message or @path/to/file.*$"),
+])
+def test_text_pasted_into_the_input_box_keeps_the_answer_completed(folder, input_line):
+    """cao pastes a message before it presses Enter; meanwhile the old answer stands."""
+    screen = ESCAPES.sub("", (CORPUS / folder / "completed.txt").read_text(encoding="utf-8"))
+    typed, count = re.subn(input_line, screen[re.search(input_line, screen).start()] +
+                           " the next question", screen, count=1)
+    assert count == 1
+    spec = _spec(folder)
+    assert cao.detect_status(spec, typed) == "completed"
+    assert cao.extract_answer(spec, typed) == LABELS[folder]["screens"]["completed"]["answer"]
