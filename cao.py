@@ -1015,6 +1015,8 @@ _LAST_SPARKLE_ANSWER = (r"^\s*✦ (?![\s\S]*^\s*> [\s\S]*^\s*[>*] )"
 _NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
 # The last bullet is an answer with no bullet or prompt below it, and its input box
 # is drawn (kimi redraws the whole screen at the end of a turn, top to bottom).
+# Kiro's / Q's legacy prompt: "> ", "[developer] > ", "[developer] 3% λ > ", "!> "
+_KIRO_PROMPT = r"^(?:\[[\w.-]+\] ?)?(?:\d+% ?)?(?:λ ?)?!?> ?$"
 _KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^(?:• |✨ ))[\s\S]*── input ──"
 
 PROVIDERS = {
@@ -1298,12 +1300,12 @@ PROVIDERS.update({
         "args": {"model": ["--model", "{model}"]},
         "status": [
             ["waiting_user_answer", r"Allow this action\?|\[y/n/t\]|❯\s*No, exit"],
-            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking|esc to cancel"],
-            ["completed", r"^> \S[\s\S]*\n\S*> ?$"],
-            ["idle", r"[Aa]sk a question,? or describe a task|^\S*> ?$"],
+            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking|Kiro is working|esc to cancel"],
+            ["completed", r"^> \S[\s\S]*\n" + _KIRO_PROMPT],
+            ["idle", r"[Aa]sk a question,? or describe a task|" + _KIRO_PROMPT],
         ],
         "tail_lines": 40,
-        "answer": {"start": r"^> \S", "keep_start": True, "end": r"^\S*> ?$"},
+        "answer": {"start": r"^> (?=\S)", "keep_start": True, "end": _KIRO_PROMPT},
         "dialogs": [[r"Kiro is running in trust all tools mode", ["Down", "Enter"]]],
         "exit": {"text": "/quit"},
     },
@@ -1525,12 +1527,13 @@ def extract_answer(spec, text):
     start_re, end_re = re.compile(answer["start"]), re.compile(answer["end"])
     end = None
     for i in range(len(lines) - 1, -1, -1):
-        if start_re.search(lines[i]):
+        is_end = end_re.search(lines[i])
+        if start_re.search(lines[i]) and (end is not None or not is_end):
             if end is not None:
                 return _answer_text(lines, i, end, start_re if answer.get("keep_start") else None)
             if not answer.get("skip_open"):
                 return None  # the newest answer is still being drawn; never an older one
-        if end_re.search(lines[i]):
+        if is_end:
             end = i
     return None
 

@@ -82,3 +82,22 @@ def test_text_pasted_into_the_input_box_keeps_the_answer_completed(folder, input
     spec = _spec(folder)
     assert cao.detect_status(spec, typed) == "completed"
     assert cao.extract_answer(spec, typed) == LABELS[folder]["screens"]["completed"]["answer"]
+
+
+DOCUMENTED = json.loads((CORPUS / "documented.json").read_text(encoding="utf-8"))
+DOCUMENTED_CASES = [(provider, name, label) for provider, entry in sorted(DOCUMENTED.items())
+                    if not provider.startswith("_") for name, label in sorted(entry.items())]
+
+
+@pytest.mark.parametrize("provider,name,label", DOCUMENTED_CASES,
+                         ids=[f"{p}/{n}" for p, n, _ in DOCUMENTED_CASES])
+def test_experimental_entry_reads_its_documented_screen(provider, name, label):
+    """kiro_cli, q_cli and cursor_cli cannot run here: their entries are pinned
+    against screens written from their documented markers (documented.json)."""
+    spec = cao.PROVIDERS[provider]
+    if "dialog" in label:
+        assert cao.pending_dialog(spec, label["text"]) == label["dialog"]
+        return
+    assert cao.detect_status(spec, label["text"]) == label["status"]
+    if "answer" in label:
+        assert cao.extract_answer(spec, label["text"]) == label["answer"]
