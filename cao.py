@@ -23,8 +23,10 @@ Map of this file (each section uses only the sections above it):
 """
 
 import argparse
+import errno
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import os
@@ -36,8 +38,10 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -74,6 +78,10 @@ class Conflict(CaoError):
     status = 409
 
 
+class TooLarge(CaoError):
+    status = 413
+
+
 class TmuxError(CaoError):
     status = 503
 
@@ -95,6 +103,7 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9889
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 TERMINAL_ID_RE = re.compile(r"[0-9a-f]{8}")
 PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 HOME_SUBDIRS = ("db", "logs", "logs/terminal", "agent-store", "agent-context", "skills", "terminals",
                 "flows", "fifos")
 # A user switching from upstream keeps the profiles installed there.
@@ -105,12 +114,112 @@ def cao_home():
     return Path(os.environ.get("CAO_HOME_DIR") or "~/.cao").expanduser()
 
 
+# -- file boundaries -----------------------------------------------------------
+# cao reads and writes only inside its own folders. A folder root itself may be
+# a symlink (a user's choice); a link *inside* it that leads out is refused, and
+# so is anything that is not a regular file (a FIFO would hang the reader).
+
+MAX_FILE = 1 << 20
+
+
+def within(path, root):
+    """True when path, with every symlink resolved, is root or lies below it."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _escape_error(path, root):
+    return ConfigError(f"{path} leads out of {root} through a symlink; cao does not follow "
+                       "links out of its folders: replace the link with a real file or folder")
+
+
+def refuse_escape(path, root):
+    if not within(path, root):
+        raise _escape_error(path, root)
+
+
+def _opened_path(fd):
+    """Where an open fd really is (Linux); None where the platform cannot say."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _open_inside(path, root, flags, mode=0o600):
+    refuse_escape(path, root)
+    try:
+        fd = os.open(os.path.realpath(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # swapped for a link after the check above
+            raise _escape_error(path, root)
+        raise
+    where = _opened_path(fd)
+    if where is not None and not within(where, root):
+        os.close(fd)
+        raise _escape_error(path, root)
+    return fd
+
+
+def read_inside(path, root, limit=MAX_FILE):
+    """Text of a regular file below root. FileNotFoundError passes through."""
+    try:
+        fd = _open_inside(path, root, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}; check the file and its permissions")
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is not a regular file; replace it with one")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path} is larger than {limit} bytes; cao reads files up to that size")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+
+
+def append_inside(path, root):
+    """A binary file below root opened for appending, created 0600 if missing."""
+    fd = _open_inside(path, root, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file; remove it")
+    return os.fdopen(fd, "ab", 0)
+
+
+def write_inside(path, root, data, mode=0o600):
+    """Replace a file below root atomically: a new file in the same folder, then a
+    rename over the old name (which replaces a planted link instead of following it)."""
+    path = Path(path)
+    folder_fd = _open_inside(path.parent, root, os.O_RDONLY | os.O_DIRECTORY)
+    tmp = f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=folder_fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=folder_fd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(folder_fd)
+
+
 def ensure_home():
     home = cao_home()
     if not home.is_dir():
         home.mkdir(parents=True, mode=0o700)
     for sub in HOME_SUBDIRS:
         (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        refuse_escape(home / sub, home)
     return home
 
 
@@ -130,8 +239,7 @@ def _flag(name, default):
 def load_settings():
     path = cao_home() / "settings.json"
     try:
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
+        settings = json.loads(read_inside(path, cao_home()))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
@@ -144,6 +252,14 @@ def load_settings():
 def _zip_archive():
     loader = globals().get("__loader__")
     return loader.archive if isinstance(loader, zipimport.zipimporter) else None
+
+
+def open_log(name, text=False):
+    """A log file in CAO_HOME_DIR/logs, opened for appending."""
+    home = ensure_home()
+    log = append_inside(home / "logs" / name, home)
+    return io.TextIOWrapper(log, encoding="utf-8", errors="replace", write_through=True) \
+        if text else log
 
 
 def _resource_roots():
@@ -556,13 +672,13 @@ def parse_frontmatter(text, source="<string>"):
 def _env_file_values():
     values = {}
     try:
-        with open(cao_home() / ".env", encoding="utf-8") as f:
-            for line in f:
-                key, sep, value = line.strip().partition("=")
-                if sep and not key.startswith("#"):
-                    values[key.strip()] = value.strip().strip("\"'")
-    except OSError:
-        pass
+        text = read_inside(cao_home() / ".env", cao_home())
+    except FileNotFoundError:
+        return values
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            values[key.strip()] = value.strip().strip("\"'")
     return values
 
 
@@ -573,12 +689,14 @@ def _substitute_vars(text):
 
 
 def profile_dirs():
-    """Directories searched for <name>.md or <name>/agent.md, first match wins."""
+    """(folder, root) pairs searched for <name>.md or <name>/agent.md, first match
+    wins; no file may lead out of its root."""
     home = cao_home()
-    dirs = [home / "agent-store", home / "agent-context",
-            UPSTREAM_HOME / "agent-store", UPSTREAM_HOME / "agent-context"]
+    dirs = [(home / "agent-store", home), (home / "agent-context", home),
+            (UPSTREAM_HOME / "agent-store", UPSTREAM_HOME),
+            (UPSTREAM_HOME / "agent-context", UPSTREAM_HOME)]
     extra = load_settings().get("agents", {}).get("extra_dirs", [])
-    dirs += [Path(d).expanduser() for d in extra if isinstance(d, str)]
+    dirs += [(Path(d).expanduser(),) * 2 for d in extra if isinstance(d, str)]
     return dirs
 
 
@@ -589,10 +707,12 @@ def _check_profile_name(name):
 
 def _find_profile(name):
     _check_profile_name(name)
-    for d in profile_dirs():
+    for d, root in profile_dirs():
         for path in (d / f"{name}.md", d / name / "agent.md"):
-            if path.is_file():
-                return path.read_text(encoding="utf-8"), str(path)
+            try:
+                return read_inside(path, root), str(path)
+            except FileNotFoundError:
+                continue
     data = read_resource(f"profiles/{name}.md")
     if data is not None:
         return data.decode("utf-8"), f"built-in:{name}"
@@ -617,14 +737,13 @@ def load_profile(name):
 
 def list_profiles():
     seen = {}
-    sources = [(d, str(d)) for d in profile_dirs()]
-    for d, label in sources:
-        if d.is_dir():
+    for d, root in profile_dirs():
+        if d.is_dir() and within(d, root):
             for entry in sorted(d.iterdir()):
                 name = entry.stem if entry.suffix == ".md" else entry.name
                 if PROFILE_NAME_RE.fullmatch(name) and name not in seen and (
-                        entry.suffix == ".md" or (entry / "agent.md").is_file()):
-                    seen[name] = label
+                        entry.suffix == ".md" or (entry / "agent.md").exists()):
+                    seen[name] = str(d)
     for fname in list_resources("profiles"):
         if fname.endswith(".md"):
             seen.setdefault(fname[:-3], "built-in")
@@ -642,24 +761,50 @@ def list_profiles():
 PROFILE_URL_HOSTS = ("github.com", "raw.githubusercontent.com")
 
 
-def _fetch_profile_url(url):
+def _profile_url_hosts():
+    extra = [h.strip().lower() for h in os.environ.get("CAO_PROFILE_ALLOWED_HOSTS", "").split(",")
+             if h.strip()]
+    for host in extra:
+        if not HOSTNAME_RE.fullmatch(host):
+            raise ConfigError(f"CAO_PROFILE_ALLOWED_HOSTS: {host!r} is not a host name; "
+                              "list plain names such as example.com, separated by commas")
+    return PROFILE_URL_HOSTS + tuple(extra)
+
+
+def _check_profile_host(url, allowed):
     parts = urllib.parse.urlsplit(url)
-    allowed = PROFILE_URL_HOSTS + tuple(
-        h.strip() for h in os.environ.get("CAO_PROFILE_ALLOWED_HOSTS", "").split(",") if h.strip())
     if parts.scheme != "https" or parts.hostname not in allowed:
-        raise CaoError(f"profile URL must be https on {', '.join(allowed)}; "
+        raise CaoError(f"profile URL {url} must be https on {', '.join(allowed)}; "
                        "set CAO_PROFILE_ALLOWED_HOSTS to allow another host")
+    return parts
+
+
+def _fetch_profile_url(url):
+    allowed = _profile_url_hosts()
+    parts = _check_profile_host(url, allowed)
     if parts.query or parts.fragment or parts.username or not parts.path.endswith(".md"):
         raise CaoError("profile URL must point at a .md file, with no query, fragment or user")
     if parts.hostname == "github.com" and "/blob/" in parts.path:
         owner_repo, _, rest = parts.path.partition("/blob/")
         url = f"https://raw.githubusercontent.com{owner_repo}/{rest}"
-    from urllib.request import urlopen  # only here: it is slow to import
+    import urllib.request  # only here: it is slow to import
+
+    class SameHostsRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            _check_profile_host(newurl, allowed)  # a redirect may not leave the allowed hosts
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
     try:
-        with urlopen(url, timeout=30) as resp:
-            return resp.read(1 << 20).decode("utf-8")
+        with urllib.request.build_opener(SameHostsRedirect).open(url, timeout=30) as resp:
+            data = resp.read(MAX_FILE + 1)
     except (OSError, ValueError) as e:
         raise CaoError(f"could not download {url}: {e}")
+    if len(data) > MAX_FILE:
+        raise CaoError(f"{url} is larger than {MAX_FILE} bytes; a profile is smaller than that")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CaoError(f"{url} is not UTF-8 text; point at the raw Markdown file")
 
 
 def install_profile(source):
@@ -684,10 +829,7 @@ def install_profile(source):
     profile = _profile_from_text(text, origin, name)
     home = ensure_home()
     for sub in ("agent-store", "agent-context"):
-        target = home / sub / f"{name}.md"
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+        write_inside(home / sub / f"{name}.md", home, text, mode=0o644)
     unresolved = sorted(set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}",
                                        _substitute_vars(text))))
     return {"name": name, "path": str(home / "agent-store" / f"{name}.md"),
@@ -1630,7 +1772,7 @@ def _demo_call_tool(name, arguments):
         params = StdioServerParameters(command=self_command()[0],
                                        args=self_command()[1:] + ["mcp"], env=dict(os.environ))
         # The server's stderr must not scribble on this agent's screen.
-        with open(ensure_home() / "logs" / "mcp.log", "a") as errlog:
+        with open_log("mcp.log", text=True) as errlog:
             async with stdio_client(params, errlog=errlog) as (read, write):
                 async with ClientSession(read, write) as session:
                     await session.initialize()
@@ -1726,8 +1868,15 @@ def run_demo_agent(profile):
 # Terminals ###################################################################
 ###############################################################################
 
-BLOCKED_WORKDIRS = {"/", "/bin", "/sbin", "/usr", "/usr/bin", "/usr/sbin", "/etc", "/var",
-                    "/tmp", "/dev", "/proc", "/sys", "/boot", "/lib", "/lib64", "/root"}
+# Where an agent may not work (paths after resolving symlinks). A system tree is
+# refused with everything below it, except scratch space and the user's own home
+# (a service account's home may sit in /var); a shared root only by itself.
+SYSTEM_TREES = ("/bin", "/sbin", "/usr", "/etc", "/var", "/dev", "/proc", "/sys", "/boot", "/lib",
+                "/lib32", "/lib64", "/libx32", "/run", "/snap", "/root", "/System", "/Library",
+                "/private/etc", "/private/var")
+SCRATCH_TREES = ("/tmp", "/var/tmp", "/private/tmp", "/private/var/tmp", "/private/var/folders")
+SHARED_ROOTS = ("/", "/home", "/Users", "/mnt", "/media", "/opt", "/srv", "/private")
+HOME_PARENTS = ("/home", "/Users")
 KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-z0-9]|[CMS]-[A-Za-z0-9])")
 WINDOW_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "SHELL",
                    "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR")
@@ -1735,6 +1884,8 @@ DEFAULT_PROVIDER = "demo"
 
 
 def session_name_for(name):
+    if not isinstance(name, str) or not name.strip():
+        raise CaoError("session name is empty; name a session (see `cao session list`)")
     name = name if name.startswith(SESSION_PREFIX) else SESSION_PREFIX + name
     if not NAME_RE.fullmatch(name):
         raise CaoError(f"invalid session name {name!r}; use letters, digits, '_' or '-' (max 64)")
@@ -1747,17 +1898,65 @@ def check_terminal_id(terminal_id):
     return terminal_id
 
 
+def _below(path, tree):
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def _home_of(path, own_home):
+    """The home directory path lies in, or None."""
+    if own_home != "/" and _below(path, own_home):
+        return own_home
+    parts = path.split("/")
+    if len(parts) > 2 and "/" + parts[1] in HOME_PARENTS:
+        return "/".join(parts[:3])
+    return "/root" if _below(path, "/root") else None
+
+
+def workdir_refusal(path):
+    """Why an agent may not work in path (already resolved), or None."""
+    own_home = os.path.realpath(os.path.expanduser("~"))
+    scratch = SCRATCH_TREES + (os.path.realpath(tempfile.gettempdir()),)
+    if path in SHARED_ROOTS or path in scratch:
+        return "a shared system directory"
+    if _below(path, os.path.realpath(cao_home())):
+        return "cao's own directory"
+    home = _home_of(path, own_home)
+    if home and path != home and path[len(home) + 1:].startswith("."):
+        return "a hidden directory in a home directory (configuration and credentials live there)"
+    if home == own_home or any(_below(path, s) for s in scratch):
+        return None
+    if any(_below(path, tree) for tree in SYSTEM_TREES):
+        return "a system directory"
+    return None
+
+
 def resolve_working_directory(path):
+    if path is not None and (not isinstance(path, str) or not path.strip()):
+        raise CaoError("working_directory is empty; omit it to use the current folder")
     path = os.path.realpath(os.path.expanduser(path or os.getcwd()))
     if not os.path.isdir(path):
         raise CaoError(f"working directory {path} does not exist; create it or pass another one")
-    if path in BLOCKED_WORKDIRS:
-        raise CaoError(f"working directory {path} is a system directory; use a project directory")
+    why = workdir_refusal(path)
+    if why:
+        raise CaoError(f"working directory {path} is {why}; use a project directory")
     return path
 
 
+MAX_MESSAGE = 256 << 10  # bytes of UTF-8; a message is pasted into a terminal
+
+
+def check_message(message):
+    if not isinstance(message, str) or not message.strip():
+        raise CaoError("message is empty; pass the text to send")
+    size = len(message.encode("utf-8", "surrogatepass"))
+    if size > MAX_MESSAGE:
+        raise TooLarge(f"message is {size} bytes, over the limit of {MAX_MESSAGE}; write the "
+                       "text to a file in the working directory and send its path")
+    return message
+
+
 def parse_allowed_tools(value):
-    if value is None or value == "":
+    if value is None:
         return None
     tools = value if isinstance(value, list) else str(value).split(",")
     tools = [t.strip() for t in tools if isinstance(t, str) and t.strip()]
@@ -1838,10 +2037,14 @@ class StatusWatcher(threading.Thread):
     def _add(self, terminal_id, pane_id):
         self._remove(terminal_id)
         fifo = self.fifo_dir / f"{terminal_id}.fifo"
-        if not fifo.exists():
+        if not os.path.lexists(fifo):
             os.mkfifo(fifo, 0o600)
-        pane = _Pane(terminal_id, pane_id, fifo, open(self.log_dir / f"{terminal_id}.log", "ab", 0))
-        pane.fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        pane = _Pane(terminal_id, pane_id, fifo,
+                     append_inside(self.log_dir / f"{terminal_id}.log", self.log_dir))
+        pane.fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        if not stat.S_ISFIFO(os.fstat(pane.fd).st_mode):
+            os.close(pane.fd)
+            raise ConfigError(f"{fifo} is not a FIFO that cao made; remove it")
         self.selector.register(pane.fd, selectors.EVENT_READ, pane)
         self.panes[terminal_id] = pane
         try:
@@ -2055,7 +2258,7 @@ class Runtime:
     # -- creation ----------------------------------------------------------
     def create_session(self, agent_profile, provider=None, session_name=None,
                        working_directory=None, allowed_tools=None, initial_message=None):
-        name = session_name_for(session_name or uuid.uuid4().hex[:8])
+        name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
         if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
                 name in tmux_sessions():
             raise Conflict(f"session {name} already exists; pick another --session-name "
@@ -2068,8 +2271,9 @@ class Runtime:
                         allowed_tools=None, caller_id=None, new_session=False,
                         initial_message=None):
         profile = load_profile(agent_profile)
-        provider = provider or profile.get("provider") or \
-            load_settings().get("default_provider") or DEFAULT_PROVIDER
+        if provider is None:
+            provider = profile.get("provider") or load_settings().get("default_provider") \
+                or DEFAULT_PROVIDER
         spec = get_provider(provider)
         if not provider_installed(spec):
             raise CaoError(f"provider {provider} needs `{provider_binary(spec)}` on PATH; "
@@ -2092,10 +2296,9 @@ class Runtime:
             spec, profile, terminal_id, workdir, tools, env))
         env.update(extra_env)
         context_dir = self.home / "terminals" / terminal_id
-        context_dir.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
             (context_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (context_dir / name).write_text(content, encoding="utf-8")
+            write_inside(context_dir / name, self.home, content)
         now = time.time()
         if new_session:
             self.store.execute("INSERT INTO sessions VALUES (?,?,?,?)",
@@ -2326,8 +2529,7 @@ class Runtime:
     # -- input and output --------------------------------------------------
     def send_input(self, terminal_id, message, keep_buffer=None):
         """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
-        if not isinstance(message, str) or not message.strip():
-            raise CaoError("message is empty; pass the text to send")
+        check_message(message)
         row = self.terminal_row(terminal_id)
         if self.status.get(terminal_id) == "error":
             raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
@@ -2438,14 +2640,14 @@ class Runtime:
         except TmuxError:
             scrollback = None
         if scrollback is not None:
-            (logs / f"{row['id']}.scrollback").write_text(scrollback, encoding="utf-8")
+            write_inside(logs / f"{row['id']}.scrollback", self.home, scrollback)
         snapshot = {"terminal_id": row["id"], "session_name": row["session_name"],
                     "window_name": row["window_name"], "agent_profile": row["agent_profile"],
                     "provider": row["provider"], "working_directory": row["working_directory"],
                     "allowed_tools": json.loads(row["allowed_tools"]) if row["allowed_tools"] else None,
                     "caller_id": row["caller_id"], "deleted_at": _iso(time.time()),
                     "scrollback": scrollback is not None}
-        (logs / f"{row['id']}.snapshot.json").write_text(json.dumps(snapshot, indent=2))
+        write_inside(logs / f"{row['id']}.snapshot.json", self.home, json.dumps(snapshot, indent=2))
 
     def delete_terminal(self, terminal_id):
         row = self.terminal_row(terminal_id)
@@ -2550,8 +2752,7 @@ class Inbox:
 
     def post(self, sender_id, receiver_id, message):
         check_terminal_id(receiver_id)
-        if not isinstance(message, str) or not message.strip():
-            raise CaoError("message is empty; pass the text to send")
+        check_message(message)
         if not isinstance(sender_id, str) or not sender_id or len(sender_id) > 64:
             raise CaoError("sender_id is required (the sending terminal id or a name up to 64 chars)")
         if sender_id == receiver_id:
@@ -2658,29 +2859,43 @@ class Inbox:
 # HTTP API ####################################################################
 ###############################################################################
 
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 MAX_BODY = 1 << 20
+# Limits for clients that hold connections open (docs/security.md).
+HTTP_REQUEST_TIMEOUT = 10.0  # a request's line, headers and body must arrive within this
+HTTP_IDLE_TIMEOUT = 30.0     # a kept-alive connection may wait this long for its next request
+HTTP_WRITE_TIMEOUT = 30.0    # a client that stops reading its answer is dropped after this
+MAX_CONNECTIONS_PER_CLIENT = 128
+MAX_CONNECTIONS = 512
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
                 ".ico": "image/x-icon", ".json": "application/json"}
+
+
+_JSON_KINDS = {str: "string", list: "list", int: "number", float: "number"}
 
 
 class Request:
     def __init__(self, handler, params, query, body):
         self.handler, self.params, self.query, self.body = handler, params, query, body
 
-    def arg(self, name, default=None, required=False):
-        """A parameter from the query string, else from a JSON body."""
+    def arg(self, name, default=None, required=False, kinds=(str,)):
+        """A parameter from the query string, else from a JSON body; a JSON value
+        must be one of `kinds` (a string unless said otherwise)."""
         if name in self.query:
             return self.query[name][-1]
-        if isinstance(self.body, dict) and name in self.body:
-            return self.body[name]
+        if isinstance(self.body, dict) and self.body.get(name) is not None:
+            value = self.body[name]
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                names = sorted({_JSON_KINDS[k] for k in kinds})
+                raise CaoError(f"parameter {name!r} must be a {' or a '.join(names)}")
+            return value
         if required:
             raise CaoError(f"missing required parameter {name!r}")
         return default
 
     def number(self, name, default, low, high):
-        value = self.arg(name, default)
+        value = self.arg(name, default, kinds=(str, int, float))
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -2714,8 +2929,8 @@ def _list_sessions(rt, req):
 
 def _initial_message(req):
     message = req.body.get("initial_message") if isinstance(req.body, dict) else None
-    if message is not None and not isinstance(message, str):
-        raise CaoError("initial_message must be a string")
+    if message is not None:
+        check_message(message)
     return message
 
 
@@ -2723,7 +2938,7 @@ def _initial_message(req):
 def _create_session(rt, req):
     return rt.create_session(req.arg("agent_profile", required=True), req.arg("provider"),
                              req.arg("session_name"), req.arg("working_directory"),
-                             req.arg("allowed_tools"), _initial_message(req))
+                             req.arg("allowed_tools", kinds=(str, list)), _initial_message(req))
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)")
@@ -2741,7 +2956,7 @@ def _create_terminal(rt, req):
     caller = req.arg("caller_id")
     return rt.create_terminal(req.params["name"], req.arg("agent_profile", required=True),
                               req.arg("provider"), req.arg("working_directory"),
-                              req.arg("allowed_tools"),
+                              req.arg("allowed_tools", kinds=(str, list)),
                               check_terminal_id(caller) if caller else None,
                               initial_message=_initial_message(req))
 
@@ -2830,68 +3045,255 @@ def _events(rt, req):
     return {"events": events, "next": events[-1]["seq"] if events else after}
 
 
-def _host_allowed(host_header):
-    if not host_header:
+# -- who may talk to the server ------------------------------------------------
+# The server listens on loopback, answers only loopback names in Host (so a DNS
+# rebinding page cannot reach it) and refuses state-changing requests whose
+# Origin is another site. docs/security.md states the rules and their tests.
+
+_HOST_RE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::([0-9]{1,5}))?")
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def _env_list(name, valid, example):
+    entries = [e.strip().lower() for e in os.environ.get(name, "").split(",") if e.strip()]
+    for entry in entries:
+        if not valid(entry):
+            raise ConfigError(f"{name}: {entry!r} is not valid; list entries like {example}, "
+                              "separated by commas")
+    return entries
+
+
+def allowed_hosts():
+    """Names accepted in the Host header: loopback plus CAO_ALLOWED_HOSTS."""
+    return frozenset(LOOPBACK_HOSTS + tuple(_env_list("CAO_ALLOWED_HOSTS", HOSTNAME_RE.fullmatch,
+                                                      "myhost.internal")))
+
+
+def allowed_origins():
+    """Other origins allowed to change state: CAO_CORS_ORIGINS ('*' allows any page)."""
+    return frozenset(_env_list("CAO_CORS_ORIGINS", lambda o: o == "*" or _ORIGIN_RE.fullmatch(o),
+                               "http://localhost:3000"))
+
+
+def host_allowed(value, hosts):
+    match = _HOST_RE.fullmatch(value.strip().lower())
+    return bool(match) and match[1] in hosts and (match[2] is None or int(match[2]) < 65536)
+
+
+def origin_allowed(origin, host, origins):
+    origin, host = origin.strip().lower(), host.strip().lower()
+    return origin in (f"http://{host}", f"https://{host}") or origin in origins or "*" in origins
+
+
+# -- connections ---------------------------------------------------------------
+
+class Refused(CaoError):
+    """A request the server will not act on, with its HTTP status."""
+
+    def __init__(self, status, detail):
+        super().__init__(detail)
+        self.status = status
+
+
+class _Connections:
+    """Open connections by client address. Past a cap, the connection that has
+    waited longest for its next request makes room, so clients that hold sockets
+    open cannot lock others out; when every one is busy, the newcomer is refused."""
+
+    def __init__(self, per_client, total):
+        self.per_client, self.total = per_client, total
+        self.lock = threading.Lock()
+        self.open = {}  # socket -> [client address, waiting for a request]; oldest first
+
+    def admit(self, sock, client):
+        with self.lock:
+            for limit, same_client in ((self.per_client, True), (self.total, False)):
+                peers = [s for s, (c, _) in self.open.items() if c == client or not same_client]
+                if len(peers) >= limit and not self._evict(peers):
+                    return False
+            self.open[sock] = [client, True]
+            return True
+
+    def _evict(self, peers):
+        for sock in peers:
+            if self.open[sock][1]:
+                del self.open[sock]
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
+                except OSError:
+                    pass
+                return True
         return False
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        host = host[1:].partition("]")[0]
-    elif host.count(":") == 1:
-        host = host.partition(":")[0]
-    extra = {h.strip().lower() for h in os.environ.get("CAO_ALLOWED_HOSTS", "").split(",") if h.strip()}
-    return host in LOOPBACK_HOSTS or host in extra
+
+    def waiting(self, sock, flag):
+        with self.lock:
+            entry = self.open.get(sock)
+            if entry:
+                entry[1] = flag
+
+    def close(self, sock):
+        with self.lock:
+            self.open.pop(sock, None)
 
 
-def _origin_allowed(origin, host_header):
-    if not origin:
+class _RequestReader(io.RawIOBase):
+    """The socket as a handler reads it: every read waits only until the handler's
+    deadline, so a client that sends slowly, or nothing, is dropped in time."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def readable(self):
         return True
-    extra = {o.strip() for o in os.environ.get("CAO_CORS_ORIGINS", "").split(",") if o.strip()}
-    return urllib.parse.urlsplit(origin).netloc == host_header or origin in extra or "*" in extra
+
+    def readinto(self, buffer):
+        handler, sock = self.handler, self.handler.connection
+        remaining = handler.read_deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the client did not send its request in time")
+        sock.settimeout(remaining)
+        try:
+            count = sock.recv_into(buffer)
+        finally:
+            sock.settimeout(HTTP_WRITE_TIMEOUT)
+        if count and handler.idle:  # the next request has begun: it gets the request timeout
+            handler.idle = False
+            handler.read_deadline = time.monotonic() + handler.server.request_timeout
+        return count
+
+
+# -- the handler ---------------------------------------------------------------
+
+_ERROR_HINTS = {400: "send a well-formed HTTP/1.1 request",
+                414: "the request line is over 64 KiB; send parameters in a JSON body",
+                431: "send fewer or shorter headers (at most 100, 64 KiB each)",
+                501: "cao-server answers GET, HEAD, POST, PUT, PATCH and DELETE",
+                505: "send HTTP/1.1"}
 
 
 class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """One connection. Every answer either follows a fully read request or closes
+    the connection: bytes the server did not read as a body are never read as the
+    next request."""
+
     protocol_version = "HTTP/1.1"
     server_version = "cao/" + __version__
     # Headers and body go out in two writes; without TCP_NODELAY the body waits
     # ~40 ms for the client's delayed ACK on a keep-alive connection.
     disable_nagle_algorithm = True
     runtime = None  # set by make_server
+    body_unread = False
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_RequestReader(self))
+        self.connection.settimeout(HTTP_WRITE_TIMEOUT)
+        self.read_deadline = time.monotonic() + self.server.request_timeout
+        self.idle, self.served = False, 0
+
+    def handle(self):
+        try:
+            super().handle()
+        except OSError:  # the client went away, or was dropped for room; nothing to answer
+            self.close_connection = True
+
+    def handle_one_request(self):
+        if self.served:
+            self.idle, self.read_deadline = True, time.monotonic() + HTTP_IDLE_TIMEOUT
+        self.served += 1
+        self.body_unread = False
+        self.server.connections.waiting(self.connection, True)
+        super().handle_one_request()
+
+    def parse_request(self):
+        parsed = super().parse_request()
+        if parsed:
+            self.server.connections.waiting(self.connection, False)
+        return parsed
+
+    def handle_expect_100(self):
+        return True  # 100 Continue goes out only once the request passed every check
 
     def log_message(self, fmt, *args):
         pass  # the access log would repeat every poll; errors are logged in _dispatch
 
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (bad request line, 414, 431, 501, 505), as JSON."""
+        self.close_connection = True
+        detail = message or http.HTTPStatus(code).phrase
+        hint = _ERROR_HINTS.get(code)
+        self._send(code, {"detail": f"{detail}; {hint}" if hint else detail})
+
     def _send(self, status, payload, content_type="application/json"):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        if self.body_unread:  # the bytes after this request are its body, not a request
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _check_framing(self):
+        if self.headers.get_all("Transfer-Encoding"):
+            self.body_unread = True
+            raise Refused(501, "Transfer-Encoding is not supported; send the body with a Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1 or (lengths and not re.fullmatch(r"[0-9]{1,16}", lengths[0].strip())):
+            self.body_unread = True
+            raise Refused(400, "a request needs at most one Content-Length header, holding a number")
+        self.body_length = int(lengths[0]) if lengths else 0
+        self.body_unread = self.body_length > 0
+        if self.body_length > MAX_BODY:
+            raise Refused(413, f"request body is over {MAX_BODY} bytes; send less")
+        if self.body_unread and self.command in ("GET", "HEAD"):
+            raise Refused(400, f"a {self.command} request takes no body; put parameters in the query")
+
+    def _check_request(self):
+        if self.request_version == "HTTP/0.9":
+            raise Refused(400, "HTTP/0.9 is not supported; send HTTP/1.1")
+        self._check_framing()
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or not host_allowed(hosts[0], self.server.hosts):
+            raise Refused(400, "Invalid host header; cao-server answers one Host header naming "
+                               "localhost, 127.0.0.1 or [::1] with an optional port (set "
+                               "CAO_ALLOWED_HOSTS to add a name)")
+        if not self.path.startswith("/"):
+            raise Refused(400, "the request target must be a path starting with /")
+        origins = self.headers.get_all("Origin") or []
+        if self.command not in ("GET", "HEAD") and origins and (
+                len(origins) > 1 or not origin_allowed(origins[0], hosts[0], self.server.origins)):
+            raise Refused(403, "Cross-origin request blocked")
+
     def _read_body(self):
-        length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit() or int(length) > MAX_BODY:
-            raise CaoError(f"request body must be at most {MAX_BODY} bytes with a valid Content-Length")
-        raw = self.rfile.read(int(length)) if int(length) else b""
+        if not self.body_unread:
+            return {}
+        if self.headers.get_content_type() != "application/json":
+            raise Refused(415, "a request body must be JSON, sent with Content-Type: application/json")
+        if self.headers.get("Expect", "").lower() == "100-continue" and \
+                self.request_version == "HTTP/1.1":
+            self.send_response_only(100)
+            self.end_headers()
+        raw = self.rfile.read(self.body_length)
+        if len(raw) < self.body_length:
+            raise ConnectionAbortedError("the client closed the connection inside the body")
+        self.body_unread = False
         if not raw.strip():
             return {}
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CaoError("request body is not valid JSON")
 
     def _dispatch(self):
-        url = urllib.parse.urlsplit(self.path)
-        if not _host_allowed(self.headers.get("Host")):
-            self.close_connection = True
-            return self._send(400, {"detail": "Invalid host header; cao-server answers only "
-                                              "localhost/127.0.0.1 (set CAO_ALLOWED_HOSTS to add one)"})
-        if self.command in ("POST", "PUT", "PATCH", "DELETE") and not _origin_allowed(
-                self.headers.get("Origin"), self.headers.get("Host")):
-            return self._send(403, {"detail": "Cross-origin request blocked"})
         try:
+            self._check_request()
+            url = urllib.parse.urlsplit(self.path)
             path = urllib.parse.unquote(url.path)
             allowed = []
             for method, pattern, func, status in ROUTES:
@@ -2902,20 +3304,19 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     allowed.append(method)
                     continue
                 query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
-                body = self._read_body() if self.command in ("POST", "PUT", "PATCH", "DELETE") else {}
+                body = self._read_body()
                 result = func(self.runtime, Request(self, match.groupdict(), query, body))
                 return self._send(status, {"success": True} if result is None else result)
             if allowed:
-                return self._send(405, {"detail": f"method {self.command} not allowed here; "
-                                                  f"use {', '.join(sorted(set(allowed)))}"})
-            if self.command in ("GET", "HEAD"):
-                static = _static_file(path)
-                if static:
-                    return self._send(200, static[0], static[1])
-            return self._send(404, {"detail": f"no such endpoint: {self.command} {url.path}"})
+                raise Refused(405, f"method {self.command} not allowed here; "
+                                   f"use {', '.join(sorted(set(allowed)))}")
+            static = _static_file(path) if self.command in ("GET", "HEAD") else None
+            if not static:
+                raise Refused(404, f"no such endpoint: {self.command} {url.path}")
+            return self._send(200, static[0], static[1])
         except CaoError as e:
             return self._send(e.status, {"detail": str(e)})
-        except (BrokenPipeError, ConnectionResetError):
+        except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # a bug, not bad input: say so and keep serving
             traceback.print_exc()
@@ -2939,6 +3340,49 @@ def _static_file(path):
 class ApiServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, request_timeout=HTTP_REQUEST_TIMEOUT):
+        self.hosts, self.origins = allowed_hosts(), allowed_origins()
+        self.request_timeout = request_timeout
+        self.connections = _Connections(MAX_CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if self.connections.admit(request, client_address[0]):
+            return super().process_request(request, client_address)
+        body = json.dumps({"detail": f"too many open connections from {client_address[0]}; "
+                                     "close some and retry"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.setblocking(False)  # never let one refusal stall the accept loop
+            request.send(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def shutdown_request(self, request):
+        self.connections.close(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client that went away is not the server's error
+        print(f"cao-server: error while serving {client_address[0]}:", file=sys.stderr)
+        traceback.print_exc()
+
+
+def _request_timeout():
+    value = os.environ.get("CAO_HTTP_REQUEST_TIMEOUT") or str(HTTP_REQUEST_TIMEOUT)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"CAO_HTTP_REQUEST_TIMEOUT={value!r} is not a number of seconds; "
+                          "set it to more than 0 and at most 3600")
+    return seconds
 
 
 def make_server(host, port):
@@ -2950,13 +3394,15 @@ def make_server(host, port):
             raise ValueError
     except ValueError:
         raise ConfigError(f"cao-server listens on loopback only; use --host 127.0.0.1 or ::1, not {host}")
+    timeout = _request_timeout()
+    allowed_hosts(), allowed_origins()  # a bad entry stops the server before it listens
     home = ensure_home()
     store = Store(home / "db" / "cao.db")
     server_class = ApiServer
     if ":" in host:
         server_class = type("ApiServer6", (ApiServer,), {"address_family": socket.AF_INET6})
     try:
-        server = server_class((host, port), ApiHandler)
+        server = server_class((host, port), ApiHandler, timeout)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; "
                           "is another cao-server running? pick another --port")
@@ -2972,8 +3418,9 @@ def make_server(host, port):
 def serve(host, port):
     server = make_server(host, port)
     pid_file = cao_home() / "server.json"
-    pid_file.write_text(json.dumps({"pid": os.getpid(), "host": host, "port": server.server_address[1],
-                                    "autostarted": os.environ.get("CAO_AUTOSTARTED") == "1"}))
+    write_inside(pid_file, cao_home(), json.dumps({
+        "pid": os.getpid(), "host": host, "port": server.server_address[1],
+        "autostarted": os.environ.get("CAO_AUTOSTARTED") == "1"}))
     def stop(signum, _frame):
         print(f"cao-server stopping on {signal.Signals(signum).name}", flush=True)
         threading.Thread(target=server.shutdown).start()
@@ -2988,9 +3435,9 @@ def serve(host, port):
         server.server_close()
         server.runtime.stop()
         try:
-            if json.loads(pid_file.read_text()).get("pid") == os.getpid():
+            if json.loads(read_inside(pid_file, cao_home())).get("pid") == os.getpid():
                 pid_file.unlink()
-        except (OSError, ValueError):
+        except (OSError, ValueError, CaoError):
             pass
     return 0
 
@@ -3022,10 +3469,10 @@ def api(method, path, params=None, body=None, timeout=60):
         conn.close()
     try:
         result = json.loads(data) if data else None
-    except ValueError:
-        result = {"detail": data.decode(errors="replace")[:200]}
+    except ValueError:  # not cao's JSON: one line of whatever answered
+        result = {"detail": " ".join(data.decode(errors="replace").split())[:200]}
     if resp.status >= 400:
-        error = {404: NotFound, 409: Conflict}.get(resp.status, CaoError)
+        error = {404: NotFound, 409: Conflict, 413: TooLarge}.get(resp.status, CaoError)
         raise error(result.get("detail") if isinstance(result, dict) else str(result))
     return result
 
@@ -3229,7 +3676,7 @@ def ensure_server():
     except ServerUnavailable:
         pass
     host, port = api_address()
-    log = open(_server_log(), "ab")
+    log = open_log("server.log")
     proc = subprocess.Popen(self_command() + ["server", "--host", host, "--port", str(port)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "CAO_AUTOSTARTED": "1"})
@@ -3256,7 +3703,7 @@ def _print_answer(terminal_id):
 
 
 def _send_and_wait(terminal_id, message, wait, timeout):
-    api("POST", f"/terminals/{terminal_id}/input", {"message": message})
+    api("POST", f"/terminals/{terminal_id}/input", body={"message": check_message(message)})
     if not wait:
         print(f"Sent to terminal {terminal_id}.")
         return 0
@@ -3275,7 +3722,9 @@ def cmd_launch(args):
     _check_profile_name(args.agents)
     ensure_server()
     tools = "*" if args.yolo else args.allowed_tools
-    term = api("POST", "/sessions", {
+    if args.message:
+        check_message(args.message)
+    term = api("POST", "/sessions", body={
         "agent_profile": args.agents, "provider": args.provider,
         "session_name": args.session_name, "allowed_tools": tools,
         "working_directory": resolve_working_directory(args.working_directory)}, timeout=300)
@@ -3286,7 +3735,7 @@ def cmd_launch(args):
         wait_for_status(term["id"], READY_STATUSES, 120, f"starting {term['agent_profile']}")
         if args.headless:
             return _send_and_wait(term["id"], args.message, not args.async_, args.timeout)
-        api("POST", f"/terminals/{term['id']}/input", {"message": args.message})
+        api("POST", f"/terminals/{term['id']}/input", body={"message": args.message})
     if args.headless:
         return 0
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -3308,8 +3757,8 @@ def cmd_install(args):
 
 def _stop_autostarted_server():
     try:
-        info = json.loads((cao_home() / "server.json").read_text())
-    except (OSError, ValueError):
+        info = json.loads(read_inside(cao_home() / "server.json", cao_home()))
+    except (OSError, ValueError, CaoError):
         return
     pid = info.get("pid")
     if not info.get("autostarted") or not isinstance(pid, int):
@@ -3335,17 +3784,21 @@ def _stop_autostarted_server():
 
 
 def cmd_shutdown(args):
-    names = [args.session] if args.session else [s["name"] for s in api("GET", "/sessions")]
+    if not args.all:  # one named session, which must exist: never "all" by accident
+        name = session_name_for(args.session)
+        api("DELETE", f"/sessions/{name}", timeout=120)
+        print(f"Shut down {name}")
+        return 0
+    names = [s["name"] for s in api("GET", "/sessions")]
     for name in names:
         try:
-            api("DELETE", f"/sessions/{session_name_for(name)}", timeout=120)
-            print(f"Shut down {session_name_for(name)}")
+            api("DELETE", f"/sessions/{name}", timeout=120)
+            print(f"Shut down {name}")
         except NotFound:
-            print(f"{session_name_for(name)} was already gone")
-    if args.all:
-        if not names:
-            print("No cao sessions were running.")
-        _stop_autostarted_server()
+            print(f"{name} was already gone")
+    if not names:
+        print("No cao sessions were running.")
+    _stop_autostarted_server()
     return 0
 
 
@@ -3439,7 +3892,7 @@ def cmd_terminal_restore(args):
     terminal_id = check_terminal_id(args.terminal_id)
     logs = cao_home() / "logs" / "terminal"
     try:
-        snap = json.loads((logs / f"{terminal_id}.snapshot.json").read_text())
+        snap = json.loads(read_inside(logs / f"{terminal_id}.snapshot.json", cao_home()))
     except (OSError, ValueError):
         raise NotFound(f"no snapshot for terminal {terminal_id} in {logs}; only deleted "
                        "terminals have one")
@@ -3497,10 +3950,10 @@ def cmd_hook(args):
     terminal_id = os.environ.get("CAO_TERMINAL_ID", "")
     try:
         api("POST", f"/terminals/{check_terminal_id(terminal_id)}/signal",
-            {"status": args.status}, timeout=5)
+            body={"status": args.status}, timeout=5)
     except CaoError as e:
-        with open(ensure_home() / "logs" / "hooks.log", "a", encoding="utf-8") as log:
-            log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n")
+        with open_log("hooks.log") as log:
+            log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n".encode())
     return 0
 
 
@@ -3512,13 +3965,42 @@ def _positive(value):
     try:
         number = float(value)
     except ValueError:
-        number = -1
-    if number <= 0:
+        number = -1.0
+    if not 0 < number < float("inf"):
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
     return number
 
 
+def _port(value):
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 < int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port; use 1-65535")
+    return int(value)
+
+
+def _text(value):
+    """An option's value: empty (often an unset shell variable) is a mistake, never a default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty value (an unset shell variable?); give a value "
+                                         "or leave the option out")
+    return value
+
+
+def _argv_problem(argv):
+    for number, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogateescape")
+            return f"argument {number} ({raw!r}) is not valid UTF-8; pass UTF-8 text"
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("action", "store") == "store" and "type" not in kwargs:
+            kwargs["type"] = _text  # every text argument refuses an empty value
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"cao: error: {message}; see `{self.prog} --help`\n")
 
@@ -3532,7 +4014,7 @@ def build_parser():
 
     s = sub.add_parser("server", help="run the cao server (same as cao-server)")
     s.add_argument("--host", default=None, help="loopback address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=None, help="port (default 9889)")
+    s.add_argument("--port", type=_port, default=None, help="port (default 9889)")
     s.set_defaults(func=cmd_server)
 
     s = sub.add_parser("launch", help="start a session with an agent")
@@ -3559,7 +4041,7 @@ def build_parser():
     group = s.add_mutually_exclusive_group(required=True)
     group.add_argument("--all", action="store_true", help="every cao session (and a server "
                        "that `cao launch` started)")
-    group.add_argument("--session", help="one session by name")
+    group.add_argument("--session", type=_text, help="one session by name")
     s.set_defaults(func=cmd_shutdown)
 
     s = sub.add_parser("session", help="list, inspect and message sessions")
@@ -3605,7 +4087,7 @@ def build_parser():
 
     s = sub.add_parser("hook", help="report an agent's state from its CLI's hooks (used by providers)")
     s.add_argument("status", choices=("processing", "completed", "waiting_user_answer"))
-    s.add_argument("payload", nargs="*", help=argparse.SUPPRESS)
+    s.add_argument("payload", nargs="*", type=str, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_hook)
     s = sub.add_parser("demo-agent", help="run the demo agent (used by the demo provider)")
     s.add_argument("--profile", default="demo")
@@ -3615,9 +4097,14 @@ def build_parser():
 
 def main(argv=None, prog=None):
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     command = {"cao-server": "server", "cao-mcp-server": "mcp"}.get(prog)
     if command:
-        argv = [command] + list(sys.argv[1:] if argv is None else argv)
+        argv = [command] + argv
+    problem = _argv_problem(argv)
+    if problem:
+        print(f"cao: error: {problem}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command == "server":
         host, port = api_address()

@@ -103,7 +103,10 @@ class CaoEnv:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             data = json.dumps(body).encode() if body is not None else None
-            conn.request(method, path, body=data, headers=headers or {})
+            headers = dict(headers or {})
+            if data is not None:
+                headers.setdefault("Content-Type", "application/json")
+            conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
             try:

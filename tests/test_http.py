@@ -110,7 +110,7 @@ def test_bad_input_is_4xx_never_500(server):
         ("DELETE", "/terminals/abcdef12", None, 404, "not found"),
         ("POST", f"/terminals/{tid}/input", None, 400, "missing required parameter 'message'"),
         ("POST", f"/terminals/{tid}/input?message=", None, 400, "message is empty"),
-        ("POST", f"/terminals/{tid}/input", {"message": 5}, 400, "message is empty"),
+        ("POST", f"/terminals/{tid}/input", {"message": 5}, 400, "'message' must be a string"),
         ("POST", f"/terminals/{tid}/key?key=rm%20-rf", None, 400, "unsupported key"),
         ("GET", f"/terminals/{tid}/output?mode=weird", None, 400, "unknown output mode"),
         ("GET", f"/terminals/{tid}/output?mode=last", None, 404, "no answer yet"),
