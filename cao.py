@@ -3229,6 +3229,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         if self.body_unread:  # the bytes after this request are its body, not a request
             self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # 0.9 has no status line; nobody could read why
+            self.request_version = "HTTP/1.0"
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -3314,6 +3316,9 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             if not static:
                 raise Refused(404, f"no such endpoint: {self.command} {url.path}")
             return self._send(200, static[0], static[1])
+        except Refused as e:
+            self.close_connection = True  # a refused client gets no second request
+            return self._send(e.status, {"detail": str(e)})
         except CaoError as e:
             return self._send(e.status, {"detail": str(e)})
         except (ConnectionError, TimeoutError):
@@ -4116,6 +4121,9 @@ def main(argv=None, prog=None):
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `cao ... | head` closed our output early: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def server_main():
