@@ -982,6 +982,12 @@ def tmux(*args, input=None, check=True):
     return result.stdout.decode(errors="replace")
 
 
+def tmux_literal(text):
+    """text for an argument tmux expands as a format (-c, pipe-pane's command): there
+    `#(...)` would run a shell command, so every # is doubled to stand for itself."""
+    return text.replace("#", "##")
+
+
 def tmux_spawn(session, window, cwd, env, argv, new_session):
     """Start argv in a new detached 220x50 window (and session); returns the pane id."""
     env_args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
@@ -989,7 +995,7 @@ def tmux_spawn(session, window, cwd, env, argv, new_session):
         head = ["new-session", "-d", "-s", session, "-x", 220, "-y", 50]
     else:
         head = ["new-window", "-d", "-t", f"={session}:"]
-    pane = tmux(*head, "-n", window, "-c", cwd, *env_args, "-P", "-F", "#{pane_id}",
+    pane = tmux(*head, "-n", window, "-c", tmux_literal(cwd), *env_args, "-P", "-F", "#{pane_id}",
                 "--", *argv).strip()
     # Keep a dead pane on screen so its last words can be read and its status is error.
     try:
@@ -1072,7 +1078,7 @@ def tmux_sessions():
 def tmux_pipe(pane, fifo):
     """Stream the pane's output into fifo (replacing any older pipe)."""
     tmux("pipe-pane", "-t", pane, ";", "pipe-pane", "-t", pane,
-         "exec cat >> " + shlex.quote(str(fifo)))
+         tmux_literal("exec cat >> " + shlex.quote(str(fifo))))
 
 
 ###############################################################################
@@ -2290,7 +2296,8 @@ class Runtime:
         if caller_id is not None:
             self.terminal_row(caller_id)
         terminal_id = uuid.uuid4().hex[:8]
-        window = f"{profile['name']}-{terminal_id[:4]}"
+        # The frontmatter name is free text; tmux expands formats in window names.
+        window = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(profile["name"]))[:48] + f"-{terminal_id[:4]}"
         env = self._window_env(terminal_id)
         argv, extra_env, files = launch_plan(spec, self._launch_fields(
             spec, profile, terminal_id, workdir, tools, env))
@@ -3910,7 +3917,7 @@ def cmd_terminal_restore(args):
     scrollback = str(logs / f"{terminal_id}.scrollback")
     shell_argv = ["sh", "-c", 'cat -- "$1"; exec "${SHELL:-sh}"', "cao-restore", scrollback]
     tmux("new-window", "-d", "-t", f"={session}:", "-n", window,
-         "-c", cwd if os.path.isdir(cwd) else str(Path.home()), "--", *shell_argv)
+         "-c", tmux_literal(cwd if os.path.isdir(cwd) else str(Path.home())), "--", *shell_argv)
     print(f"Restored terminal {terminal_id} into window {window} of {session}; "
           f"attach with: {shlex.join(tmux_argv('attach', '-t', session))}")
     return 0

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -161,6 +162,25 @@ def test_working_directories_in_system_trees_are_refused(cao_env, tmp_path):
             "agent_profile": "developer", "provider": "demo", "working_directory": str(path),
             "session_name": name})
         assert code == 201, (path, term)
+
+
+def test_a_working_directory_name_never_runs_as_a_tmux_command(server):
+    marker = Path(str(server.home) + ".pwned")  # $CAO_HOME_DIR, expanded by the shell
+    odd = server.workdir / "#(touch $CAO_HOME_DIR.pwned)#{pane_id}"
+    odd.mkdir()
+    code, term = server.request("POST", "/sessions", {
+        "agent_profile": "developer", "provider": "demo", "working_directory": str(odd),
+        "session_name": "odd"})
+    assert code == 201, term
+    pid = server.tmux("display-message", "-p", "-t", "=cao-odd:", "#{pane_pid}").stdout.strip()
+    assert not marker.exists(), "tmux ran a command named in the directory"
+    assert os.readlink(f"/proc/{pid}/cwd") == str(odd)
+    # The same through a profile's free-text name, which becomes the window name.
+    (server.home / "agent-store").mkdir(exist_ok=True)
+    (server.home / "agent-store" / "named.md").write_text(
+        '---\nname: "#(touch $CAO_HOME_DIR.pwned)"\n---\nhello\n')
+    code, term = server.request("POST", "/sessions?agent_profile=named&provider=demo")
+    assert code == 201 and not marker.exists(), term
 
 
 # -- 3. the CLI does what was asked, or says why not -----------------------------
