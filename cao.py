@@ -3264,8 +3264,8 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             raise Refused(400, f"a {self.command} request takes no body; put parameters in the query")
 
     def _check_request(self):
-        if self.request_version == "HTTP/0.9":
-            raise Refused(400, "HTTP/0.9 is not supported; send HTTP/1.1")
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise Refused(505, f"{self.request_version} is not supported; send HTTP/1.1")
         self._check_framing()
         hosts = self.headers.get_all("Host") or []
         if len(hosts) != 1 or not host_allowed(hosts[0], self.server.hosts):
