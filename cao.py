@@ -231,6 +231,10 @@ def api_address():
     return host, int(port)
 
 
+def _iso(ts):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
+
+
 def _flag(name, default):
     value = os.environ.get(name, "").strip().lower() or default
     return value not in ("0", "false", "no", "off")
@@ -959,6 +963,22 @@ class Store:
             self.db.close()
 
 
+class Bus:
+    """In-process listeners for what happens to terminals ("status",
+    "terminal_removed"): features subscribe here instead of being called from the
+    terminals code. A listener runs in the thread that published."""
+
+    def __init__(self):
+        self.listeners = {}
+
+    def subscribe(self, kind, listener):
+        self.listeners.setdefault(kind, []).append(listener)
+
+    def publish(self, kind, **data):
+        for listener in self.listeners.get(kind, ()):
+            listener(**data)
+
+
 ###############################################################################
 # Tmux ########################################################################
 ###############################################################################
@@ -1655,6 +1675,14 @@ def detect_status(spec, screen):
     return "unknown"
 
 
+def _with_native(native, screen):
+    """Combine what the CLI reported with what its screen shows. The screen decides
+    whenever it is recognised: a CLI may report done while it still draws its
+    answer (Codex). The CLI's own word settles a screen no pattern recognises,
+    such as a redraw after a CLI update."""
+    return native if native and screen == "unknown" else screen
+
+
 def pending_dialog(spec, screen):
     """The keys that answer a first-run dialog shown on screen, or None."""
     tail = _screen_tail(screen, 20)
@@ -1981,7 +2009,7 @@ class _Pane:
         self.eof, self.eof_checks = False, 0
 
 
-class StatusWatcher(threading.Thread):
+class PaneWatcher(threading.Thread):
     """One thread for all panes: reads each pane's pipe-pane FIFO with a selector
     and, once a pane's output settles, calls refresh(terminal_id) to re-read its
     screen. An idle pane costs nothing; there is no per-terminal poll loop."""
@@ -2014,7 +2042,7 @@ class StatusWatcher(threading.Thread):
 
     def poke(self, terminal_id):
         """Re-read this terminal's screen soon even if it printed nothing."""
-        self._queue(self._mark, terminal_id)
+        self._queue(self._mark_dirty, terminal_id)
 
     def stop(self):
         self.stopping = True
@@ -2058,7 +2086,7 @@ class StatusWatcher(threading.Thread):
         except TmuxError:
             pass  # the pane is gone already; the refresh below notices
         self._watch_process(pane)
-        self._mark(terminal_id)
+        self._mark_dirty(terminal_id)
 
     def _watch_process(self, pane):
         # A dead pane keeps its pipe open and may print nothing, so watch the
@@ -2093,7 +2121,7 @@ class StatusWatcher(threading.Thread):
             except OSError:
                 pass
 
-    def _mark(self, terminal_id, now=None):
+    def _mark_dirty(self, terminal_id, now=None):
         pane = self.panes.get(terminal_id)
         if pane and pane.dirty_since is None:
             pane.dirty_since = now or time.monotonic()
@@ -2114,7 +2142,7 @@ class StatusWatcher(threading.Thread):
             pane.outputs += 1
             pane.last_output = now
             self.cond.notify_all()
-        self._mark(pane.terminal_id, now)
+        self._mark_dirty(pane.terminal_id, now)
 
     def _due(self, now):
         due, wait = [], None
@@ -2152,7 +2180,7 @@ class StatusWatcher(threading.Thread):
                         pass
                 elif key.fd == key.data.pidfd:
                     self._close_pidfd(key.data)
-                    self._mark(key.data.terminal_id)
+                    self._mark_dirty(key.data.terminal_id)
                 else:
                     self._read(key.data)
         for terminal_id in list(self.panes):
@@ -2171,111 +2199,358 @@ class StatusWatcher(threading.Thread):
             self._add(terminal_id, pane.pane_id)  # the pipe was replaced; take it back
 
 
-class Runtime:
-    """Sessions and terminals: tmux windows + database rows + live status."""
+class Terminal:
+    """What cao knows of one live terminal between screen reads. The database row
+    holds what must outlive the server; this record is rebuilt at start."""
 
-    def __init__(self, store, host=DEFAULT_HOST, port=DEFAULT_PORT):
-        self.store, self.host, self.port = store, host, port
-        home = ensure_home()
-        self.home = home
-        self.watcher = StatusWatcher(home / "fifos", home / "logs" / "terminal", self._refresh)
-        self.status = {}
-        self.input_gen = {}
-        self.input_locks = {}
-        self.native = {}        # terminal -> status the CLI itself reported (hooks, notify)
-        self.submitted_at = {}  # terminal -> when its last input was submitted
-        self.turn_seen = set()  # terminals whose screen showed the turn since that submit
-        self.unsent = {}        # terminal -> [tail of the last input, Enters re-sent, when]
-        self.poke_due = {}      # terminal -> when its pending re-read timer fires
-        self.settling = {}      # terminal -> (answer on its new completed screen, since when)
-        self.dialog_keys_at = {}  # terminal -> when a first-run dialog was last answered
-        self.status_listeners = []
-        self._sessions_cache = (0.0, {})
+    __slots__ = ("id", "status", "input_gen", "input_lock", "native", "submitted_at",
+                 "turn_seen", "unsent", "poke_due", "settling", "dialog_keys_at")
 
-    # -- lifecycle ---------------------------------------------------------
-    def start(self):
+    def __init__(self, terminal_id):
+        self.id, self.status = terminal_id, "unknown"
+        self.input_gen = 0               # bumped by each submitted input
+        self.input_lock = threading.Lock()
+        self.native = None               # the status the CLI itself reported (hooks, notify)
+        self.submitted_at = None         # when its last input was submitted (monotonic)
+        self.turn_seen = False           # its screen showed the turn since that submit
+        self.unsent = None               # [tail of the last input, Enters re-sent, when]
+        self.poke_due = None             # when its pending re-read timer fires
+        self.settling = None             # (answer on its new completed screen, since when)
+        self.dialog_keys_at = 0.0        # when a first-run dialog was last answered
+
+
+def terminal_row(store, terminal_id):
+    check_terminal_id(terminal_id)
+    row = store.one("SELECT * FROM terminals WHERE id = ?", (terminal_id,))
+    if not row:
+        raise NotFound(f"terminal {terminal_id} not found; list terminals with GET /sessions/<name>")
+    return row
+
+
+def _live(live, terminal_id):
+    term = live.get(terminal_id)
+    if term is None:
+        raise NotFound(f"terminal {terminal_id} is being removed")
+    return term
+
+
+class StatusTracker:
+    """Decides each terminal's status from its screen, read once its pane settles
+    (in the pane watcher's thread), and from what the CLI reports itself."""
+
+    def __init__(self, store, bus, live, watcher, gone):
+        self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
+        self.gone = gone  # gone(terminal_id, reason): the terminal's window has vanished
+
+    def status(self, terminal_id):
+        term = self.live.get(terminal_id)
+        return term.status if term else None
+
+    def refresh(self, terminal_id):
+        """Re-read a pane's screen and update the terminal's status."""
+        row = self.store.one("SELECT pane_id, provider, session_name FROM terminals WHERE id = ?",
+                             (terminal_id,))
+        term = self.live.get(terminal_id)
+        if not row or term is None:
+            self.watcher.remove(terminal_id)
+            return
+        gen = term.input_gen
+        state = tmux_capture_state(row["pane_id"])
+        if state is None:
+            self.gone(terminal_id, "its tmux window was closed")
+            return
+        screen, dead = state
+        if dead:
+            status = "error"
+        else:
+            try:
+                spec = get_provider(row["provider"])
+            except CaoError:
+                spec = {}
+            if self._answer_dialog(term, spec, row["pane_id"], screen):
+                return
+            status = _with_native(term.native, detect_status(spec, screen))
+            if status in ("processing", "waiting_user_answer"):
+                term.turn_seen, term.unsent = True, None
+            elif not term.turn_seen:
+                self._resend_enter(term, spec, row["pane_id"], screen)
+            grace = spec.get("turn_start_grace", 0)
+            since = time.monotonic() - (term.submitted_at if term.submitted_at is not None
+                                        else -grace)
+            if status in ("idle", "completed") and not term.turn_seen and since < grace:
+                # Some CLIs clear the input before they draw their spinner, and the
+                # last turn's answer is still on screen: until the new turn shows,
+                # idle or completed is the old screen.
+                status = "processing"
+                self.poke_later(term, grace - since)
+            self.watcher.rearm(terminal_id)
+        if gen != term.input_gen:
+            self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
+            return
+        if status == "completed" and not self._answer_settled(term, spec, screen):
+            return
+        if status == "unknown" and term.status != "unknown":
+            return
+        self.set_status(term, status, row["session_name"])
+
+    def _answer_settled(self, term, spec, screen):
+        """A new completed screen counts once its answer is drawn and has stayed the
+        same for the provider's `settle` seconds: opencode draws its done line before
+        the answer, Copilot CLI clears its busy footer before the answer's last words.
+        A done screen that shows no answer at all counts after NO_ANSWER_WAIT."""
+        if term.status == "completed" or not spec.get("answer"):
+            return True
+        answer, now = extract_answer(spec, screen), time.monotonic()
+        if term.settling is None or term.settling[0] != answer:
+            term.settling = (answer, now)
+        hold = NO_ANSWER_WAIT if answer is None else spec.get("settle", 0)
+        wait = term.settling[1] + hold - now
+        if wait <= 0:
+            term.settling = None
+            return True
+        self.poke_later(term, wait)
+        return False
+
+    def _resend_enter(self, term, spec, pane, screen):
+        """An Enter that arrived inside the paste burst can be taken as part of the
+        paste (Gemini CLI, now and then): the text then waits in the input box
+        after the submit looked. Press Enter again, up to 3 times, 1 s apart."""
+        unsent = term.unsent
+        if not unsent or unsent[0] not in _screen_tail(screen, spec.get("input_lines", 1)):
+            return
+        wait = unsent[2] + 1.0 - time.monotonic()
+        if unsent[1] >= 3 or wait > 0:
+            if unsent[1] < 3:
+                self.poke_later(term, wait)
+            return
+        unsent[1:] = [unsent[1] + 1, time.monotonic()]
+        tmux_keys(pane, "Enter")
+
+    def poke_later(self, term, delay):
+        """Re-read the screen after delay even if the pane prints nothing (one timer)."""
+        due = time.monotonic() + delay
+        if term.poke_due is not None and term.poke_due <= due:
+            return
+        term.poke_due = due
+
+        def poke():
+            if term.poke_due == due:
+                term.poke_due = None
+            self.watcher.poke(term.id)
+        timer = threading.Timer(delay, poke)
+        timer.daemon = True
+        timer.start()
+
+    def _answer_dialog(self, term, spec, pane, screen):
+        """Answer a first-run question (trust this folder...) as a person would."""
+        keys = pending_dialog(spec, screen)
+        if keys is None:
+            return False
+        if time.monotonic() - term.dialog_keys_at > 1.0:
+            term.dialog_keys_at = time.monotonic()
+            for key in keys:
+                tmux_keys(pane, key)
+        self.watcher.poke(term.id)
+        return True
+
+    def signal(self, terminal_id, status):
+        """A state the CLI reported itself (Claude Code hook, Codex notify)."""
+        if status not in ("processing", "completed", "waiting_user_answer"):
+            raise CaoError(f"unknown signal {status!r}; use processing, completed or "
+                           "waiting_user_answer")
+        terminal_row(self.store, terminal_id)
+        _live(self.live, terminal_id).native = status
+        self.watcher.poke(terminal_id)
+
+    def set_status(self, term, status, session_name):
+        with self.store.lock:
+            previous = term.status
+            if previous == status:
+                return
+            term.status = status
+            self.store.execute("UPDATE terminals SET status = ?, last_active = ? WHERE id = ?",
+                               (status, time.time(), term.id))
+            self.store.emit("status", session_name, term.id, status=status, previous=previous)
+        self.bus.publish("status", terminal_id=term.id, status=status)
+
+    def screen(self, terminal_id):
+        row = self.store.one("SELECT pane_id FROM terminals WHERE id = ?", (terminal_id,))
+        state = tmux_capture_state(row["pane_id"]) if row and row["pane_id"] else None
+        return state[0] if state else ""
+
+    def wait_ready(self, terminal_id, timeout):
+        """Wait until the agent shows a ready screen; an agent that dies is an error."""
+        self.store.wait_until(lambda: self.status(terminal_id) in READY_STATUSES + ("error", None),
+                              timeout)
+        status = self.status(terminal_id)
+        if status == "error" or status is None:
+            tail = " | ".join(_screen_tail(self.screen(terminal_id), 3).split("\n"))
+            raise CaoError(f"agent in terminal {terminal_id} exited while starting; its screen "
+                           f"ends: {tail or '(empty)'}")
+        return status
+
+
+class TerminalInput:
+    """Types into terminals: a message as one bracketed paste and Enter, confirmed
+    taken; single keys; the provider's way to exit."""
+
+    def __init__(self, store, live, watcher, tracker):
+        self.store, self.live, self.watcher, self.tracker = store, live, watcher, tracker
+
+    def send(self, terminal_id, message, keep_buffer=None):
+        """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
+        check_message(message)
+        row = terminal_row(self.store, terminal_id)
+        term = _live(self.live, terminal_id)
+        if term.status == "error":
+            raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
+                           "start a new terminal")
+        spec = get_provider(row["provider"])
+        pane = row["pane_id"]
+        with term.input_lock:
+            tmux_paste(pane, message, keep_buffer)
+            delay = spec.get("submit", {}).get("enter_delay", 0)
+            if delay:
+                time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
+            self._submit(term, pane, spec, message, enter_first=True)
+            self._submitted(term, row["session_name"], message)
+        self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
+                           (time.time(), terminal_id))
+
+    def _submit(self, term, pane, spec, message, enter_first):
+        """Press Enter until the message has left the agent's input line (3 tries)."""
+        needle = _input_tail(message)
+        for attempt in range(3):
+            count = self.watcher.output_count(term.id)
+            pressed = enter_first or attempt > 0
+            if pressed:
+                tmux_keys(pane, "Enter")
+            if self._input_taken(term.id, pane, spec, needle, count, pressed):
+                return
+        raise Conflict(f"terminal {term.id} did not take the input: it is still in the agent's "
+                       "input line after 3 Enters; look with tmux attach")
+
+    def _input_taken(self, terminal_id, pane, spec, needle, count, pressed):
+        """After an Enter, look at each burst of output: True as soon as the message has
+        left the input line (or the agent looks busy); False once the pane stayed quiet
+        for 80 ms, or 1 s passed, with the message still there. A CLI that animates
+        without pause (Codex, Gemini) is thus not waited on for the whole second."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            printed = pressed and self.watcher.wait_settled(
+                terminal_id, count, quiet=0.01, timeout=max(0.0, deadline - time.monotonic()))
+            count = self.watcher.output_count(terminal_id)
+            state = tmux_capture_state(pane)
+            if state is None or state[1]:
+                raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
+            if needle not in _screen_tail(state[0], spec.get("input_lines", 1)) or \
+                    detect_status(spec, state[0]) == "processing":
+                return True
+            left = deadline - time.monotonic()
+            if not printed or left <= 0 or not self.watcher.wait_settled(
+                    terminal_id, count, quiet=0.0, timeout=min(0.08, left)):
+                return False
+
+    def _submitted(self, term, session_name, message):
+        """The agent took new input: it is busy until its screen says otherwise."""
+        term.input_gen += 1
+        term.native = None
+        term.submitted_at = time.monotonic()
+        term.turn_seen, term.settling = False, None
+        term.unsent = [_input_tail(message), 0, time.monotonic()]
+        self.tracker.set_status(term, "processing", session_name)
+        self.watcher.poke(term.id)
+
+    def ensure_submitted(self, terminal_id, message):
+        """After a crash between paste and Enter: submit the text if it still waits."""
+        row = terminal_row(self.store, terminal_id)
+        term = _live(self.live, terminal_id)
+        with term.input_lock:
+            self._submit(term, row["pane_id"], get_provider(row["provider"]), message,
+                         enter_first=False)
+            self._submitted(term, row["session_name"], message)
+
+    def send_key(self, terminal_id, key):
+        if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+            raise CaoError(f"unsupported key {key!r}; use a tmux key name such as Enter, "
+                           "Escape, Down, Tab, C-c or a single character")
+        tmux_keys(terminal_row(self.store, terminal_id)["pane_id"], key)
+
+    def exit(self, terminal_id):
+        row = terminal_row(self.store, terminal_id)
+        how = get_provider(row["provider"]).get("exit", {"keys": ["C-c"]})
+        if "keys" in how:
+            tmux_keys(row["pane_id"], *how["keys"])
+        else:
+            tmux_paste(row["pane_id"], how["text"])
+            tmux_keys(row["pane_id"], "Enter")
+
+
+class Terminals:
+    """Terminal lifecycle: each is a tmux window, a database row and a live record.
+    Creating one launches its CLI from the provider entry; deleting one saves its
+    scrollback first."""
+
+    def __init__(self, store, bus, live, watcher, tracker, typist, host, port):
+        self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
+        self.tracker, self.typist, self.host, self.port = tracker, typist, host, port
+        self.home = ensure_home()
+
+    def recover(self):
+        """Take back the terminals whose windows outlived a server restart."""
         panes = tmux_list_panes()
         for row in self.store.query("SELECT * FROM terminals"):
             pane = panes.get(row["pane_id"] or "")
             if pane and pane["session"] == row["session_name"]:
                 # The saved status may be stale; the first screen read sets the real one.
-                self.status[row["id"]] = "unknown"
+                self.live[row["id"]] = Terminal(row["id"])
                 self.watcher.add(row["id"], row["pane_id"])
             else:
-                self._forget(row["id"], "its tmux window is gone")
+                self.forget(row["id"], "its tmux window is gone")
         self.store.execute("DELETE FROM sessions WHERE name NOT IN "
                            "(SELECT DISTINCT session_name FROM terminals)")
-        self.watcher.start()
-
-    def stop(self):
-        self.watcher.stop()
-        self.watcher.join(timeout=5)
-        self.store.close()
 
     # -- lookups -----------------------------------------------------------
-    def terminal_row(self, terminal_id):
-        check_terminal_id(terminal_id)
-        row = self.store.one("SELECT * FROM terminals WHERE id = ?", (terminal_id,))
-        if not row:
-            raise NotFound(f"terminal {terminal_id} not found; list terminals with GET /sessions/<name>")
-        return row
+    def row(self, terminal_id):
+        return terminal_row(self.store, terminal_id)
 
-    def terminal_json(self, row):
+    def to_json(self, row):
         tools = json.loads(row["allowed_tools"]) if row["allowed_tools"] else None
         return {"id": row["id"], "name": row["window_name"], "provider": row["provider"],
                 "session_name": row["session_name"], "agent_profile": row["agent_profile"],
                 "caller_id": row["caller_id"], "allowed_tools": tools,
                 "working_directory": row["working_directory"],
                 "tmux_session": row["session_name"], "tmux_window": row["window_name"],
-                "status": self.status.get(row["id"], row["status"]),
+                "status": self.tracker.status(row["id"]) or row["status"],
                 "last_active": _iso(row["last_active"])}
 
-    def get_terminal(self, terminal_id):
-        return self.terminal_json(self.terminal_row(terminal_id))
+    def get(self, terminal_id):
+        return self.to_json(self.row(terminal_id))
 
-    def session_terminals(self, name):
-        return [self.terminal_json(r) for r in self.store.query(
+    def in_session(self, name):
+        return [self.to_json(r) for r in self.store.query(
             "SELECT * FROM terminals WHERE session_name = ? ORDER BY created_at, rowid", (name,))]
 
-    def _attached(self):
-        stamp, sessions = self._sessions_cache
-        if time.monotonic() - stamp > 1.0:
-            sessions = tmux_sessions()
-            self._sessions_cache = (time.monotonic(), sessions)
-        return sessions
+    def output(self, terminal_id, mode="full"):
+        row = self.row(terminal_id)
+        if mode == "full":
+            return tmux_capture(row["pane_id"], history="all")
+        if mode == "last":
+            text = tmux_capture(row["pane_id"], history=2000)
+            answer = extract_answer(get_provider(row["provider"]), text)
+            if answer is None:
+                raise NotFound(f"terminal {terminal_id} shows no answer yet "
+                               f"(status {self.tracker.status(terminal_id)}); wait for completed")
+            return answer
+        raise CaoError(f"unknown output mode {mode!r}; use full or last")
 
-    def _session_json(self, row):
-        attached = self._attached().get(row["name"], 0)
-        return {"id": row["name"], "name": row["name"],
-                "status": "active" if attached else "detached",
-                "working_directory": row["working_directory"],
-                "agent_profile": row["agent_profile"]}
-
-    def list_sessions(self):
-        return [self._session_json(r) for r in
-                self.store.query("SELECT * FROM sessions ORDER BY created_at")]
-
-    def get_session(self, name):
-        row = self.store.one("SELECT * FROM sessions WHERE name = ?", (session_name_for(name),))
-        if not row:
-            raise NotFound(f"session {name} not found; list sessions with `cao session list`")
-        return {"session": self._session_json(row), "terminals": self.session_terminals(row["name"])}
+    def working_directory(self, terminal_id):
+        row = self.row(terminal_id)
+        return tmux_pane_info(row["pane_id"], "#{pane_current_path}") or row["working_directory"]
 
     # -- creation ----------------------------------------------------------
-    def create_session(self, agent_profile, provider=None, session_name=None,
-                       working_directory=None, allowed_tools=None, initial_message=None):
-        name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
-        if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
-                name in tmux_sessions():
-            raise Conflict(f"session {name} already exists; pick another --session-name "
-                           f"or run `cao shutdown --session {name}`")
-        return self.create_terminal(name, agent_profile, provider, working_directory,
-                                    allowed_tools, new_session=True,
-                                    initial_message=initial_message)
-
-    def create_terminal(self, session_name, agent_profile, provider=None, working_directory=None,
-                        allowed_tools=None, caller_id=None, new_session=False,
-                        initial_message=None):
+    def create(self, session_name, agent_profile, provider=None, working_directory=None,
+               allowed_tools=None, caller_id=None, new_session=False, initial_message=None):
         profile = load_profile(agent_profile)
         if provider is None:
             provider = profile.get("provider") or load_settings().get("default_provider") \
@@ -2294,7 +2569,7 @@ class Runtime:
                                     else profile.get("allowedTools")
                                     or ROLE_TOOLS.get(profile.get("role")))
         if caller_id is not None:
-            self.terminal_row(caller_id)
+            self.row(caller_id)
         terminal_id = uuid.uuid4().hex[:8]
         # The frontmatter name is free text; tmux expands formats in window names.
         window = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(profile["name"]))[:48] + f"-{terminal_id[:4]}"
@@ -2324,7 +2599,7 @@ class Runtime:
                 self.store.execute("DELETE FROM sessions WHERE name = ?", (session_name,))
             raise
         self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane, terminal_id))
-        self.status[terminal_id] = "unknown"
+        self.live[terminal_id] = Terminal(terminal_id)
         self.watcher.add(terminal_id, pane)
         if new_session:
             self.store.emit("session_created", session_name)
@@ -2334,8 +2609,8 @@ class Runtime:
             threading.Thread(target=self._deliver_initial, daemon=True,
                              args=(terminal_id, initial_message)).start()
         else:
-            self.wait_ready(terminal_id, self._init_timeout(profile))
-        return self.get_terminal(terminal_id)
+            self.tracker.wait_ready(terminal_id, self._init_timeout(profile))
+        return self.get(terminal_id)
 
     def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env):
         prompt = profile.get("system_prompt") or ""
@@ -2378,266 +2653,13 @@ class Runtime:
                    CAO_API_HOST=self.host, CAO_API_PORT=str(self.port))
         return env
 
-    def wait_ready(self, terminal_id, timeout):
-        """Wait until the agent shows a ready screen; an agent that dies is an error."""
-        self.store.wait_until(lambda: self.status.get(terminal_id) in READY_STATUSES + ("error",)
-                              or terminal_id not in self.status, timeout)
-        status = self.status.get(terminal_id)
-        if status == "error" or status is None:
-            screen = self._screen_or_empty(terminal_id)
-            tail = " | ".join(_screen_tail(screen, 3).split("\n"))
-            raise CaoError(f"agent in terminal {terminal_id} exited while starting; its screen "
-                           f"ends: {tail or '(empty)'}")
-        return status
-
     def _deliver_initial(self, terminal_id, message):
         try:
-            self.wait_ready(terminal_id, 120)
-            self.send_input(terminal_id, message)
+            self.tracker.wait_ready(terminal_id, 120)
+            self.typist.send(terminal_id, message)
         except CaoError as e:
             row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
             self.store.emit("input_failed", row and row["session_name"], terminal_id, reason=str(e))
-
-    # -- status ------------------------------------------------------------
-    def _refresh(self, terminal_id):
-        """Re-read a pane's screen and update the terminal's status (watcher thread)."""
-        row = self.store.one("SELECT pane_id, provider, session_name FROM terminals WHERE id = ?",
-                             (terminal_id,))
-        if not row:
-            self.watcher.remove(terminal_id)
-            return
-        gen = self.input_gen.get(terminal_id, 0)
-        state = tmux_capture_state(row["pane_id"])
-        if state is None:
-            self._forget(terminal_id, "its tmux window was closed")
-            return
-        screen, dead = state
-        if dead:
-            status = "error"
-        else:
-            try:
-                spec = get_provider(row["provider"])
-            except CaoError:
-                spec = {}
-            if self._answer_dialog(terminal_id, spec, row["pane_id"], screen):
-                return
-            status = _with_native(self.native.get(terminal_id), detect_status(spec, screen))
-            if status in ("processing", "waiting_user_answer"):
-                self.turn_seen.add(terminal_id)
-                self.unsent.pop(terminal_id, None)
-            elif terminal_id not in self.turn_seen:
-                self._resend_enter(terminal_id, spec, row["pane_id"], screen)
-            grace = spec.get("turn_start_grace", 0)
-            since = time.monotonic() - self.submitted_at.get(terminal_id, -grace)
-            if status in ("idle", "completed") and terminal_id not in self.turn_seen \
-                    and since < grace:
-                # Some CLIs clear the input before they draw their spinner, and the
-                # last turn's answer is still on screen: until the new turn shows,
-                # idle or completed is the old screen.
-                status = "processing"
-                self._poke_later(terminal_id, grace - since)
-            self.watcher.rearm(terminal_id)
-        if gen != self.input_gen.get(terminal_id, 0):
-            self.watcher.poke(terminal_id)  # input arrived meanwhile; this screen is stale
-            return
-        if status == "completed" and not self._answer_settled(terminal_id, spec, screen):
-            return
-        if status == "unknown" and self.status.get(terminal_id, "unknown") != "unknown":
-            return
-        self._set_status(terminal_id, status, row["session_name"])
-
-    def _answer_settled(self, terminal_id, spec, screen):
-        """A new completed screen counts once its answer is drawn and has stayed the
-        same for the provider's `settle` seconds: opencode draws its done line before
-        the answer, Copilot CLI clears its busy footer before the answer's last words.
-        A done screen that shows no answer at all counts after NO_ANSWER_WAIT."""
-        if self.status.get(terminal_id) == "completed" or not spec.get("answer"):
-            return True
-        answer, now = extract_answer(spec, screen), time.monotonic()
-        seen = self.settling.get(terminal_id)
-        if seen is None or seen[0] != answer:
-            seen = self.settling[terminal_id] = (answer, now)
-        hold = NO_ANSWER_WAIT if answer is None else spec.get("settle", 0)
-        wait = seen[1] + hold - now
-        if wait <= 0:
-            del self.settling[terminal_id]
-            return True
-        self._poke_later(terminal_id, wait)
-        return False
-
-    def _resend_enter(self, terminal_id, spec, pane, screen):
-        """An Enter that arrived inside the paste burst can be taken as part of the
-        paste (Gemini CLI, now and then): the text then waits in the input box
-        after _submit looked. Press Enter again, up to 3 times, 1 s apart."""
-        unsent = self.unsent.get(terminal_id)
-        if not unsent or unsent[0] not in _screen_tail(screen, spec.get("input_lines", 1)):
-            return
-        wait = unsent[2] + 1.0 - time.monotonic()
-        if unsent[1] >= 3 or wait > 0:
-            if unsent[1] < 3:
-                self._poke_later(terminal_id, wait)
-            return
-        unsent[1:] = [unsent[1] + 1, time.monotonic()]
-        tmux_keys(pane, "Enter")
-
-    def _poke_later(self, terminal_id, delay):
-        """Re-read the screen after delay even if the pane prints nothing (one timer)."""
-        due = time.monotonic() + delay
-        if self.poke_due.get(terminal_id, float("inf")) <= due:
-            return
-        self.poke_due[terminal_id] = due
-
-        def poke():
-            if self.poke_due.get(terminal_id) == due:
-                self.poke_due.pop(terminal_id, None)
-            self.watcher.poke(terminal_id)
-        timer = threading.Timer(delay, poke)
-        timer.daemon = True
-        timer.start()
-
-    def _answer_dialog(self, terminal_id, spec, pane, screen):
-        """Answer a first-run question (trust this folder...) as a person would."""
-        keys = pending_dialog(spec, screen)
-        if keys is None:
-            return False
-        if time.monotonic() - self.dialog_keys_at.get(terminal_id, 0) > 1.0:
-            self.dialog_keys_at[terminal_id] = time.monotonic()
-            for key in keys:
-                tmux_keys(pane, key)
-        self.watcher.poke(terminal_id)
-        return True
-
-    def signal(self, terminal_id, status):
-        """A state the CLI reported itself (Claude Code hook, Codex notify)."""
-        if status not in ("processing", "completed", "waiting_user_answer"):
-            raise CaoError(f"unknown signal {status!r}; use processing, completed or "
-                           "waiting_user_answer")
-        self.terminal_row(terminal_id)
-        self.native[terminal_id] = status
-        self.watcher.poke(terminal_id)
-
-    def _set_status(self, terminal_id, status, session_name):
-        with self.store.lock:
-            previous = self.status.get(terminal_id)
-            if previous == status:
-                return
-            self.status[terminal_id] = status
-            self.store.execute("UPDATE terminals SET status = ?, last_active = ? WHERE id = ?",
-                               (status, time.time(), terminal_id))
-            self.store.emit("status", session_name, terminal_id, status=status, previous=previous)
-        for listener in self.status_listeners:
-            listener(terminal_id, status)
-
-    def _screen_or_empty(self, terminal_id):
-        row = self.store.one("SELECT pane_id FROM terminals WHERE id = ?", (terminal_id,))
-        state = tmux_capture_state(row["pane_id"]) if row and row["pane_id"] else None
-        return state[0] if state else ""
-
-    # -- input and output --------------------------------------------------
-    def send_input(self, terminal_id, message, keep_buffer=None):
-        """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
-        check_message(message)
-        row = self.terminal_row(terminal_id)
-        if self.status.get(terminal_id) == "error":
-            raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
-                           "start a new terminal")
-        spec = get_provider(row["provider"])
-        pane = row["pane_id"]
-        lock = self.input_locks.setdefault(terminal_id, threading.Lock())
-        with lock:
-            tmux_paste(pane, message, keep_buffer)
-            delay = spec.get("submit", {}).get("enter_delay", 0)
-            if delay:
-                time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
-            self._submit(terminal_id, pane, spec, message, enter_first=True)
-            self._submitted(terminal_id, row["session_name"], message)
-        self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
-                           (time.time(), terminal_id))
-
-    def _submit(self, terminal_id, pane, spec, message, enter_first):
-        """Press Enter until the message has left the agent's input line (3 tries)."""
-        needle = _input_tail(message)
-        for attempt in range(3):
-            count = self.watcher.output_count(terminal_id)
-            pressed = enter_first or attempt > 0
-            if pressed:
-                tmux_keys(pane, "Enter")
-            if self._input_taken(terminal_id, pane, spec, needle, count, pressed):
-                return
-        raise Conflict(f"terminal {terminal_id} did not take the input: it is still in the agent's "
-                       "input line after 3 Enters; look with tmux attach")
-
-    def _input_taken(self, terminal_id, pane, spec, needle, count, pressed):
-        """After an Enter, look at each burst of output: True as soon as the message has
-        left the input line (or the agent looks busy); False once the pane stayed quiet
-        for 80 ms, or 1 s passed, with the message still there. A CLI that animates
-        without pause (Codex, Gemini) is thus not waited on for the whole second."""
-        deadline = time.monotonic() + 1.0
-        while True:
-            printed = pressed and self.watcher.wait_settled(
-                terminal_id, count, quiet=0.01, timeout=max(0.0, deadline - time.monotonic()))
-            count = self.watcher.output_count(terminal_id)
-            state = tmux_capture_state(pane)
-            if state is None or state[1]:
-                raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
-            if needle not in _screen_tail(state[0], spec.get("input_lines", 1)) or \
-                    detect_status(spec, state[0]) == "processing":
-                return True
-            left = deadline - time.monotonic()
-            if not printed or left <= 0 or not self.watcher.wait_settled(
-                    terminal_id, count, quiet=0.0, timeout=min(0.08, left)):
-                return False
-
-    def _submitted(self, terminal_id, session_name, message):
-        """The agent took new input: it is busy until its screen says otherwise."""
-        self.input_gen[terminal_id] = self.input_gen.get(terminal_id, 0) + 1
-        self.native.pop(terminal_id, None)
-        self.submitted_at[terminal_id] = time.monotonic()
-        self.turn_seen.discard(terminal_id)
-        self.settling.pop(terminal_id, None)
-        self.unsent[terminal_id] = [_input_tail(message), 0, time.monotonic()]
-        self._set_status(terminal_id, "processing", session_name)
-        self.watcher.poke(terminal_id)
-
-    def ensure_submitted(self, terminal_id, message):
-        """After a crash between paste and Enter: submit the text if it still waits."""
-        row = self.terminal_row(terminal_id)
-        with self.input_locks.setdefault(terminal_id, threading.Lock()):
-            self._submit(terminal_id, row["pane_id"], get_provider(row["provider"]), message,
-                         enter_first=False)
-            self._submitted(terminal_id, row["session_name"], message)
-
-    def send_key(self, terminal_id, key):
-        if not isinstance(key, str) or not KEY_RE.fullmatch(key):
-            raise CaoError(f"unsupported key {key!r}; use a tmux key name such as Enter, "
-                           "Escape, Down, Tab, C-c or a single character")
-        tmux_keys(self.terminal_row(terminal_id)["pane_id"], key)
-
-    def get_output(self, terminal_id, mode="full"):
-        row = self.terminal_row(terminal_id)
-        if mode == "full":
-            return tmux_capture(row["pane_id"], history="all")
-        if mode == "last":
-            text = tmux_capture(row["pane_id"], history=2000)
-            answer = extract_answer(get_provider(row["provider"]), text)
-            if answer is None:
-                raise NotFound(f"terminal {terminal_id} shows no answer yet "
-                               f"(status {self.status.get(terminal_id)}); wait for completed")
-            return answer
-        raise CaoError(f"unknown output mode {mode!r}; use full or last")
-
-    def exit_terminal(self, terminal_id):
-        row = self.terminal_row(terminal_id)
-        how = get_provider(row["provider"]).get("exit", {"keys": ["C-c"]})
-        if "keys" in how:
-            tmux_keys(row["pane_id"], *how["keys"])
-        else:
-            tmux_paste(row["pane_id"], how["text"])
-            tmux_keys(row["pane_id"], "Enter")
-
-    def working_directory(self, terminal_id):
-        row = self.terminal_row(terminal_id)
-        return tmux_pane_info(row["pane_id"], "#{pane_current_path}") or row["working_directory"]
 
     # -- deletion ----------------------------------------------------------
     def _snapshot(self, row):
@@ -2656,60 +2678,82 @@ class Runtime:
                     "scrollback": scrollback is not None}
         write_inside(logs / f"{row['id']}.snapshot.json", self.home, json.dumps(snapshot, indent=2))
 
-    def delete_terminal(self, terminal_id):
-        row = self.terminal_row(terminal_id)
+    def delete(self, terminal_id):
+        row = self.row(terminal_id)
         self._snapshot(row)
         self.watcher.remove(terminal_id)
         tmux("kill-pane", "-t", row["pane_id"], check=False)
-        self._forget(terminal_id, "deleted")
+        self.forget(terminal_id, "deleted")
 
-    def _forget(self, terminal_id, reason):
+    def forget(self, terminal_id, reason):
+        """Drop every trace of a terminal; the last one of a session ends the session."""
         row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
         self.watcher.remove(terminal_id)
-        self.status.pop(terminal_id, None)
-        self.input_gen.pop(terminal_id, None)
-        self.input_locks.pop(terminal_id, None)
-        self.native.pop(terminal_id, None)
-        self.submitted_at.pop(terminal_id, None)
-        self.turn_seen.discard(terminal_id)
-        self.unsent.pop(terminal_id, None)
-        self.poke_due.pop(terminal_id, None)
-        self.settling.pop(terminal_id, None)
+        self.live.pop(terminal_id, None)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
         if not row:
             return
         self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
-        self.store.execute("UPDATE inbox SET status = 'failed', reason = ? WHERE receiver_id = ?"
-                           " AND status IN ('queued', 'delivering')",
-                           (f"receiver {terminal_id} was removed ({reason})", terminal_id))
+        self.bus.publish("terminal_removed", terminal_id=terminal_id, reason=reason)
         self.store.emit("terminal_deleted", row["session_name"], terminal_id, reason=reason)
         if not self.store.one("SELECT 1 AS x FROM terminals WHERE session_name = ?",
                               (row["session_name"],)):
-            self._drop_session(row["session_name"])
+            self.end_session(row["session_name"])
 
-    def _drop_session(self, name):
+    def end_session(self, name):
         tmux("kill-session", "-t", f"={name}", check=False)
         if self.store.execute("DELETE FROM sessions WHERE name = ?", (name,)):
             self.store.emit("session_deleted", name)
 
-    def delete_session(self, name):
-        name = self.get_session(name)["session"]["name"]
-        for term in self.session_terminals(name):
-            self.delete_terminal(term["id"])
-        self._drop_session(name)
+
+class Sessions:
+    """Sessions: a tmux session holding a conductor terminal and its workers."""
+
+    def __init__(self, store, terminals):
+        self.store, self.terminals = store, terminals
+        self._tmux_cache = (0.0, {})
+
+    def _attached(self):
+        stamp, sessions = self._tmux_cache
+        if time.monotonic() - stamp > 1.0:
+            sessions = tmux_sessions()
+            self._tmux_cache = (time.monotonic(), sessions)
+        return sessions
+
+    def _to_json(self, row):
+        attached = self._attached().get(row["name"], 0)
+        return {"id": row["name"], "name": row["name"],
+                "status": "active" if attached else "detached",
+                "working_directory": row["working_directory"],
+                "agent_profile": row["agent_profile"]}
+
+    def list(self):
+        return [self._to_json(r) for r in
+                self.store.query("SELECT * FROM sessions ORDER BY created_at")]
+
+    def get(self, name):
+        row = self.store.one("SELECT * FROM sessions WHERE name = ?", (session_name_for(name),))
+        if not row:
+            raise NotFound(f"session {name} not found; list sessions with `cao session list`")
+        return {"session": self._to_json(row), "terminals": self.terminals.in_session(row["name"])}
+
+    def create(self, agent_profile, provider=None, session_name=None, working_directory=None,
+               allowed_tools=None, initial_message=None):
+        name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
+        if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
+                name in tmux_sessions():
+            raise Conflict(f"session {name} already exists; pick another --session-name "
+                           f"or run `cao shutdown --session {name}`")
+        return self.terminals.create(name, agent_profile, provider, working_directory,
+                                     allowed_tools, new_session=True,
+                                     initial_message=initial_message)
+
+    def delete(self, name):
+        name = self.get(name)["session"]["name"]
+        for term in self.terminals.in_session(name):
+            self.terminals.delete(term["id"])
+        self.terminals.end_session(name)
         return {"success": True, "deleted": [name], "errors": []}
-
-
-def _with_native(native, screen):
-    """Combine what the CLI reported with what its screen shows. The screen decides
-    whenever it is recognised: a CLI may report done while it still draws its
-    answer (Codex). The CLI's own word settles a screen no pattern recognises,
-    such as a redraw after a CLI update."""
-    return native if native and screen == "unknown" else screen
-
-
-def _iso(ts):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
 
 ###############################################################################
@@ -2727,13 +2771,14 @@ class Inbox:
     paste, and the paste keeps a tmux buffer named after the batch until the row is
     delivered, so after a crash the buffer tells whether the paste happened."""
 
-    def __init__(self, runtime):
-        self.rt, self.store = runtime, runtime.store
+    def __init__(self, store, bus, tracker, terminals, typist):
+        self.store, self.tracker, self.terminals, self.typist = store, tracker, terminals, typist
         self.running = set()
         self.guard = threading.Lock()
         # No delivery may start before recovery has settled what a crash left behind.
         self.recovered = threading.Event()
-        runtime.status_listeners.append(self._on_status)
+        bus.subscribe("status", self._on_status)
+        bus.subscribe("terminal_removed", self._on_removed)
 
     def recover(self):
         """Settle rows a crash left in `delivering`: the paste happened exactly when its
@@ -2746,13 +2791,13 @@ class Inbox:
             buffer = f"cao-msg-{batch_id}"
             if tmux_buffer_exists(buffer):
                 try:
-                    self.rt.ensure_submitted(rows[0]["receiver_id"], rows[-1]["message"])
-                    self._mark(ids, "delivered")
+                    self.typist.ensure_submitted(rows[0]["receiver_id"], rows[-1]["message"])
+                    self._set_rows(ids, "delivered")
                 except CaoError as e:
-                    self._mark(ids, "failed", f"pasted before a restart, then: {e}")
+                    self._set_rows(ids, "failed", f"pasted before a restart, then: {e}")
                 tmux("delete-buffer", "-b", buffer, check=False)
             else:
-                self._mark(ids, "queued", "re-queued after a restart")
+                self._set_rows(ids, "queued", "re-queued after a restart")
         self.recovered.set()
         for row in self.store.query("SELECT DISTINCT receiver_id FROM inbox WHERE status = 'queued'"):
             self.kick(row["receiver_id"])
@@ -2764,8 +2809,8 @@ class Inbox:
             raise CaoError("sender_id is required (the sending terminal id or a name up to 64 chars)")
         if sender_id == receiver_id:
             raise CaoError("a terminal cannot send a message to itself; pick another receiver_id")
-        self.rt.terminal_row(receiver_id)
-        if self.rt.status.get(receiver_id) == "error":
+        self.terminals.row(receiver_id)
+        if self.tracker.status(receiver_id) == "error":
             raise Conflict(f"terminal {receiver_id}'s agent has exited; it cannot take messages")
         now = time.time()
         message_id = self.store.insert(
@@ -2777,7 +2822,7 @@ class Inbox:
                 "receiver_id": receiver_id, "created_at": _iso(now)}
 
     def messages(self, receiver_id, limit=10, status=None):
-        self.rt.terminal_row(receiver_id)
+        self.terminals.row(receiver_id)
         if status is not None and status not in INBOX_STATES:
             raise CaoError(f"unknown message status {status!r}; use one of {', '.join(INBOX_STATES)}")
         rows = self.store.query(
@@ -2795,6 +2840,11 @@ class Inbox:
                 return
             self.running.add(receiver_id)
         threading.Thread(target=self._run, args=(receiver_id,), daemon=True).start()
+
+    def _on_removed(self, terminal_id, reason):
+        self.store.execute("UPDATE inbox SET status = 'failed', reason = ? WHERE receiver_id = ?"
+                           " AND status IN ('queued', 'delivering')",
+                           (f"receiver {terminal_id} was removed ({reason})", terminal_id))
 
     def _on_status(self, terminal_id, status):
         if status in ("idle", "completed"):
@@ -2816,14 +2866,14 @@ class Inbox:
                 "SELECT 1 AS x FROM inbox WHERE receiver_id = ? AND status = 'queued'", (receiver_id,)):
             self.kick(receiver_id)
 
-    def _mark(self, ids, status, reason=None):
+    def _set_rows(self, ids, status, reason=None):
         marks = ",".join("?" * len(ids))
         delivered = time.time() if status == "delivered" else None
         self.store.execute(f"UPDATE inbox SET status = ?, reason = ?, delivered_at = ? "
                            f"WHERE id IN ({marks})", (status, reason, delivered, *ids))
 
     def _ready(self, receiver_id):
-        status = self.rt.status.get(receiver_id)
+        status = self.tracker.status(receiver_id)
         if status in ("idle", "completed"):
             return True
         if status == "processing" and _flag("CAO_EAGER_INBOX_DELIVERY", "false"):
@@ -2848,18 +2898,50 @@ class Inbox:
                                f"WHERE id IN ({marks})", (ids[0], *ids))
             buffer = f"cao-msg-{ids[0]}"
             try:
-                self.rt.send_input(receiver_id, "\n".join(r["message"] for r in batch), buffer)
+                self.typist.send(receiver_id, "\n".join(r["message"] for r in batch), buffer)
             except NotFound:
-                self._mark(ids, "failed", f"receiver {receiver_id} no longer exists")
+                self._set_rows(ids, "failed", f"receiver {receiver_id} no longer exists")
                 return
             except CaoError as e:
-                self._mark(ids, "failed", str(e))
+                self._set_rows(ids, "failed", str(e))
                 self.store.emit("message_failed", None, receiver_id, message_ids=ids, reason=str(e))
                 return
-            self._mark(ids, "delivered")
+            self._set_rows(ids, "delivered")
             tmux("delete-buffer", "-b", buffer, check=False)
             self.store.emit("message_delivered", None, receiver_id, message_ids=ids)
 
+
+
+###############################################################################
+# Application #################################################################
+###############################################################################
+
+class App:
+    """The server's parts, made and wired in one place. A feature that reacts to
+    what happens to terminals subscribes to `bus` here."""
+
+    def __init__(self, store, host, port):
+        home = ensure_home()
+        self.store, self.bus, self.live = store, Bus(), {}
+        self.watcher = PaneWatcher(home / "fifos", home / "logs" / "terminal",
+                                   lambda terminal_id: self.tracker.refresh(terminal_id))
+        self.tracker = StatusTracker(store, self.bus, self.live, self.watcher,
+                                     gone=lambda terminal_id, why: self.terminals.forget(terminal_id, why))
+        self.typist = TerminalInput(store, self.live, self.watcher, self.tracker)
+        self.terminals = Terminals(store, self.bus, self.live, self.watcher, self.tracker,
+                                   self.typist, host, port)
+        self.sessions = Sessions(store, self.terminals)
+        self.inbox = Inbox(store, self.bus, self.tracker, self.terminals, self.typist)
+
+    def start(self):
+        self.terminals.recover()
+        self.watcher.start()
+        self.inbox.recover()
+
+    def stop(self):
+        self.watcher.stop()
+        self.watcher.join(timeout=5)
+        self.store.close()
 
 
 ###############################################################################
@@ -2916,7 +2998,7 @@ ROUTES = []
 
 
 def route(method, pattern, status=200):
-    """Register a handler(runtime, request); a handler returning None answers {"success": true}."""
+    """Register a handler(app, request); a handler returning None answers {"success": true}."""
     def register(func):
         ROUTES.append((method, re.compile(pattern + r"\Z"), func, status))
         return func
@@ -2924,14 +3006,14 @@ def route(method, pattern, status=200):
 
 
 @route("GET", r"/health")
-def _health(rt, req):
+def _health(app, req):
     return {"status": "ok", "service": "cli-agent-orchestrator", "version": __version__,
             "terminal_backend": "tmux", "pid": os.getpid()}
 
 
 @route("GET", r"/sessions")
-def _list_sessions(rt, req):
-    return rt.list_sessions()
+def _list_sessions(app, req):
+    return app.sessions.list()
 
 
 def _initial_message(req):
@@ -2942,113 +3024,113 @@ def _initial_message(req):
 
 
 @route("POST", r"/sessions", 201)
-def _create_session(rt, req):
-    return rt.create_session(req.arg("agent_profile", required=True), req.arg("provider"),
-                             req.arg("session_name"), req.arg("working_directory"),
-                             req.arg("allowed_tools", kinds=(str, list)), _initial_message(req))
+def _create_session(app, req):
+    return app.sessions.create(req.arg("agent_profile", required=True), req.arg("provider"),
+                               req.arg("session_name"), req.arg("working_directory"),
+                               req.arg("allowed_tools", kinds=(str, list)), _initial_message(req))
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)")
-def _get_session(rt, req):
-    return rt.get_session(req.params["name"])
+def _get_session(app, req):
+    return app.sessions.get(req.params["name"])
 
 
 @route("DELETE", r"/sessions/(?P<name>[^/]+)")
-def _delete_session(rt, req):
-    return rt.delete_session(req.params["name"])
+def _delete_session(app, req):
+    return app.sessions.delete(req.params["name"])
 
 
 @route("POST", r"/sessions/(?P<name>[^/]+)/terminals", 201)
-def _create_terminal(rt, req):
+def _create_terminal(app, req):
     caller = req.arg("caller_id")
-    return rt.create_terminal(req.params["name"], req.arg("agent_profile", required=True),
-                              req.arg("provider"), req.arg("working_directory"),
-                              req.arg("allowed_tools", kinds=(str, list)),
-                              check_terminal_id(caller) if caller else None,
-                              initial_message=_initial_message(req))
+    return app.terminals.create(req.params["name"], req.arg("agent_profile", required=True),
+                                req.arg("provider"), req.arg("working_directory"),
+                                req.arg("allowed_tools", kinds=(str, list)),
+                                check_terminal_id(caller) if caller else None,
+                                initial_message=_initial_message(req))
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)/terminals")
-def _session_terminals(rt, req):
-    return rt.get_session(req.params["name"])["terminals"]
+def _session_terminals(app, req):
+    return app.sessions.get(req.params["name"])["terminals"]
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)")
-def _get_terminal(rt, req):
-    return rt.get_terminal(req.params["id"])
+def _get_terminal(app, req):
+    return app.terminals.get(req.params["id"])
 
 
 @route("DELETE", r"/terminals/(?P<id>[^/]+)")
-def _delete_terminal(rt, req):
-    rt.delete_terminal(req.params["id"])
+def _delete_terminal(app, req):
+    app.terminals.delete(req.params["id"])
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/input")
-def _terminal_input(rt, req):
-    rt.send_input(req.params["id"], req.arg("message", required=True))
+def _terminal_input(app, req):
+    app.typist.send(req.params["id"], req.arg("message", required=True))
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/output")
-def _terminal_output(rt, req):
+def _terminal_output(app, req):
     mode = req.arg("mode", "full")
-    return {"output": rt.get_output(req.params["id"], mode), "mode": mode}
+    return {"output": app.terminals.output(req.params["id"], mode), "mode": mode}
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/exit")
-def _terminal_exit(rt, req):
-    rt.exit_terminal(req.params["id"])
+def _terminal_exit(app, req):
+    app.typist.exit(req.params["id"])
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/key")
-def _terminal_key(rt, req):
-    rt.send_key(req.params["id"], req.arg("key", required=True))
+def _terminal_key(app, req):
+    app.typist.send_key(req.params["id"], req.arg("key", required=True))
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/signal")
-def _terminal_signal(rt, req):
-    rt.signal(req.params["id"], req.arg("status", required=True))
+def _terminal_signal(app, req):
+    app.tracker.signal(req.params["id"], req.arg("status", required=True))
     return {"success": True}
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
-def _terminal_workdir(rt, req):
-    return {"working_directory": rt.working_directory(req.params["id"])}
+def _terminal_workdir(app, req):
+    return {"working_directory": app.terminals.working_directory(req.params["id"])}
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/inbox/messages")
-def _post_message(rt, req):
-    return rt.inbox.post(req.arg("sender_id", required=True), req.params["id"],
+def _post_message(app, req):
+    return app.inbox.post(req.arg("sender_id", required=True), req.params["id"],
                          req.arg("message", required=True))
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/inbox/messages")
-def _list_messages(rt, req):
-    return rt.inbox.messages(req.params["id"], req.number("limit", 10, 1, 100), req.arg("status"))
+def _list_messages(app, req):
+    return app.inbox.messages(req.params["id"], req.number("limit", 10, 1, 100), req.arg("status"))
 
 
 @route("GET", r"/agents/profiles")
-def _profiles(rt, req):
+def _profiles(app, req):
     return list_profiles()
 
 
 @route("GET", r"/agents/profiles/(?P<name>[^/]+)")
-def _profile(rt, req):
+def _profile(app, req):
     return load_profile(req.params["name"])
 
 
 @route("GET", r"/agents/providers")
-def _providers(rt, req):
+def _providers(app, req):
     return [{"name": name, "binary": provider_binary(spec) or "(built in)",
              "installed": provider_installed(spec), "description": spec.get("description", "")}
             for name, spec in sorted(providers().items())]
 
 
 @route("GET", r"/events")
-def _events(rt, req):
+def _events(app, req):
     after = req.arg("after")
-    after = rt.store.last_event_seq() if after is None else int(req.number("after", 0, 0, 2**62))
+    after = app.store.last_event_seq() if after is None else int(req.number("after", 0, 0, 2**62))
     wait = req.number("wait", 0, 0, 60)
-    events = rt.store.events_after(after, wait)
+    events = app.store.events_after(after, wait)
     return {"events": events, "next": events[-1]["seq"] if events else after}
 
 
@@ -3188,7 +3270,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     # Headers and body go out in two writes; without TCP_NODELAY the body waits
     # ~40 ms for the client's delayed ACK on a keep-alive connection.
     disable_nagle_algorithm = True
-    runtime = None  # set by make_server
+    app = None  # set by make_server
     body_unread = False
 
     def setup(self):
@@ -3314,7 +3396,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
                     continue
                 query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
                 body = self._read_body()
-                result = func(self.runtime, Request(self, match.groupdict(), query, body))
+                result = func(self.app, Request(self, match.groupdict(), query, body))
                 return self._send(status, {"success": True} if result is None else result)
             if allowed:
                 raise Refused(405, f"method {self.command} not allowed here; "
@@ -3398,7 +3480,7 @@ def _request_timeout():
 
 
 def make_server(host, port):
-    """A started Runtime behind an HTTP server bound to a loopback address."""
+    """A started App behind an HTTP server bound to a loopback address."""
     if host == "localhost":
         host = "127.0.0.1"
     try:
@@ -3418,12 +3500,10 @@ def make_server(host, port):
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; "
                           "is another cao-server running? pick another --port")
-    runtime = Runtime(store, host, server.server_address[1])
-    runtime.inbox = Inbox(runtime)
-    runtime.start()
-    runtime.inbox.recover()
-    server.RequestHandlerClass = type("Handler", (ApiHandler,), {"runtime": runtime})
-    server.runtime = runtime
+    app = App(store, host, server.server_address[1])
+    app.start()
+    server.RequestHandlerClass = type("Handler", (ApiHandler,), {"app": app})
+    server.app = app
     return server
 
 
@@ -3445,7 +3525,7 @@ def serve(host, port):
         pass
     finally:
         server.server_close()
-        server.runtime.stop()
+        server.app.stop()
         try:
             if json.loads(read_inside(pid_file, cao_home())).get("pid") == os.getpid():
                 pid_file.unlink()
