@@ -231,6 +231,21 @@ def api_address():
     return host, int(port)
 
 
+def session_name_for(name):
+    if not isinstance(name, str) or not name.strip():
+        raise CaoError("session name is empty; name a session (see `cao session list`)")
+    name = name if name.startswith(SESSION_PREFIX) else SESSION_PREFIX + name
+    if not NAME_RE.fullmatch(name):
+        raise CaoError(f"invalid session name {name!r}; use letters, digits, '_' or '-' (max 64)")
+    return name
+
+
+def check_terminal_id(terminal_id):
+    if not isinstance(terminal_id, str) or not TERMINAL_ID_RE.fullmatch(terminal_id):
+        raise CaoError(f"invalid terminal id {terminal_id!r}; ids are 8 lowercase hex characters")
+    return terminal_id
+
+
 def _iso(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
@@ -240,16 +255,29 @@ def _flag(name, default):
     return value not in ("0", "false", "no", "off")
 
 
+_settings_cache = {}  # path -> (file identity, settings)
+
+
 def load_settings():
+    """settings.json as a dict, read again only when the file changes."""
     path = cao_home() / "settings.json"
+    try:
+        info = os.stat(path)
+        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+    except OSError:
+        identity = None
+    cached = _settings_cache.get(path)
+    if cached and cached[0] == identity:
+        return cached[1]
     try:
         settings = json.loads(read_inside(path, cao_home()))
     except FileNotFoundError:
-        return {}
+        settings = {}
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file")
     if not isinstance(settings, dict):
         raise ConfigError(f"{path}: must hold a JSON object")
+    _settings_cache[path] = (identity, settings)
     return settings
 
 
@@ -841,6 +869,154 @@ def install_profile(source):
 
 
 ###############################################################################
+# Client ######################################################################
+###############################################################################
+
+# The CLI and the MCP servers reach cao-server only through this class: one
+# method per route they use, so no caller builds a path or picks a verb.
+
+DONE_STATUSES = ("completed", "idle", "waiting_user_answer", "error")
+
+
+class Client:
+    """cao-server's REST API at CAO_API_HOST:CAO_API_PORT."""
+
+    def __init__(self):
+        self.host, self.port = api_address()
+
+    def call(self, method, path, params=None, body=None, timeout=60):
+        """One request; returns decoded JSON or raises CaoError with the server's detail."""
+        query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload else {}
+            conn.request(method, urllib.parse.quote(path) + ("?" + query if query else ""),
+                         body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
+            if isinstance(e, socket.timeout):
+                raise ServerUnavailable(f"cao-server at {self.host}:{self.port} did not answer "
+                                        f"{method} {path} within {timeout:g} s")
+            raise ServerUnavailable(f"cao-server is not running at http://{self.host}:{self.port}; "
+                                    "start it with `cao-server` (`cao launch` starts one for you)")
+        finally:
+            conn.close()
+        try:
+            result = json.loads(data) if data else None
+        except ValueError:  # not cao's JSON: one line of whatever answered
+            result = {"detail": " ".join(data.decode(errors="replace").split())[:200]}
+        if resp.status >= 400:
+            error = {404: NotFound, 409: Conflict, 413: TooLarge}.get(resp.status, CaoError)
+            raise error(result.get("detail") if isinstance(result, dict) else str(result))
+        return result
+
+    # -- routes ------------------------------------------------------------
+    def health(self, timeout=60):
+        return self.call("GET", "/health", timeout=timeout)
+
+    def sessions(self):
+        return self.call("GET", "/sessions")
+
+    def session(self, name):
+        return self.call("GET", f"/sessions/{session_name_for(name)}")
+
+    def create_session(self, **body):
+        return self.call("POST", "/sessions", body=body, timeout=300)
+
+    def delete_session(self, name):
+        return self.call("DELETE", f"/sessions/{session_name_for(name)}", timeout=120)
+
+    def create_terminal(self, session_name, **body):
+        return self.call("POST", f"/sessions/{session_name_for(session_name)}/terminals",
+                         body=body, timeout=300)
+
+    def terminal(self, terminal_id):
+        return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}")
+
+    def delete_terminal(self, terminal_id):
+        return self.call("DELETE", f"/terminals/{check_terminal_id(terminal_id)}")
+
+    def send_input(self, terminal_id, message):
+        return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/input",
+                         body={"message": message})
+
+    def output(self, terminal_id, mode="last"):
+        return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/output",
+                         {"mode": mode})["output"]
+
+    def exit_terminal(self, terminal_id):
+        return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/exit")
+
+    def signal(self, terminal_id, status):
+        return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/signal",
+                         body={"status": status}, timeout=5)
+
+    def working_directory(self, terminal_id):
+        return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/working-directory"
+                         )["working_directory"]
+
+    def post_message(self, receiver_id, sender_id, message):
+        return self.call("POST", f"/terminals/{check_terminal_id(receiver_id)}/inbox/messages",
+                         body={"sender_id": sender_id, "message": message})
+
+    def messages(self, terminal_id, limit=None, status=None):
+        return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/inbox/messages",
+                         {"limit": limit, "status": status})
+
+    def profile(self, name):
+        return self.call("GET", f"/agents/profiles/{name}")
+
+    def events(self, after=None, wait=None):
+        """Events after cursor `after` (None: only the cursor), waiting up to `wait` s."""
+        params = {"after": after, "wait": None if wait is None else f"{wait:.2f}"}
+        return self.call("GET", "/events", params, timeout=(wait or 0) + 30)
+
+    def wait_for_status(self, terminal_id, wanted, timeout, label=None):
+        """Follow /events until the terminal reaches one of `wanted`; returns the status."""
+        progress = Progress(label, shown=label is not None)
+        deadline = time.monotonic() + timeout
+        cursor = self.events()["next"]
+        try:
+            while True:
+                status = self.terminal(terminal_id)["status"]
+                progress.update(status)
+                if status in wanted:
+                    return status
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(f"timed out after {timeout:g} s waiting for terminal "
+                                      f"{terminal_id} (status {status}); check it with "
+                                      "`cao session status`")
+                cursor = self.events(cursor, min(remaining, 2.0 if progress.tty else 20.0))["next"]
+        finally:
+            progress.done()
+
+
+class Progress:
+    """A one-line spinner on stderr while waiting, shown only on a terminal."""
+
+    def __init__(self, label, shown=True):
+        self.label, self.started = label, time.monotonic()
+        self.tty = shown and sys.stderr.isatty()
+        self.frame = 0
+
+    def update(self, status):
+        if self.tty:
+            self.frame += 1
+            spinner = "|/-\\"[self.frame % 4]
+            sys.stderr.write(f"\r{spinner} {self.label}: {status} "
+                             f"({time.monotonic() - self.started:.0f}s)\x1b[K")
+            sys.stderr.flush()
+
+    def done(self):
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+###############################################################################
 # State #######################################################################
 ###############################################################################
 
@@ -988,14 +1164,22 @@ def tmux_argv(*args):
     return ["tmux"] + (["-L", sock] if sock else []) + [str(a) for a in args]
 
 
-def tmux(*args, input=None, check=True):
-    """Run one tmux command (chain more with ';' arguments); returns stdout text."""
+TMUX_TIMEOUT = 30  # s; a hung tmux server must not hang a request or the pane watcher
+
+
+def _tmux_run(args, input=None):
     try:
-        result = subprocess.run(tmux_argv(*args), input=input, capture_output=True, timeout=30)
+        return subprocess.run(tmux_argv(*args), input=input, capture_output=True,
+                              timeout=TMUX_TIMEOUT)
     except FileNotFoundError:
         raise TmuxError("tmux is not installed; install it (apt install tmux / brew install tmux)")
     except subprocess.TimeoutExpired:
-        raise TmuxError(f"tmux {args[0]} did not answer within 30 s")
+        raise TmuxError(f"tmux {args[0]} did not answer within {TMUX_TIMEOUT} s")
+
+
+def tmux(*args, input=None, check=True):
+    """Run one tmux command (chain more with ';' arguments); returns stdout text."""
+    result = _tmux_run(args, input)
     if check and result.returncode:
         err = result.stderr.decode(errors="replace").strip()
         raise TmuxError(f"tmux {args[0]} failed: {err or 'exit ' + str(result.returncode)}")
@@ -1040,10 +1224,8 @@ def tmux_capture(pane, history=None):
 def tmux_capture_state(pane):
     """(screen text, pane_dead) in one tmux call; None when the pane is gone."""
     marker = "\x1f" + uuid.uuid4().hex
-    result = subprocess.run(tmux_argv("capture-pane", "-p", "-J", "-t", pane, ";",
-                                      "display-message", "-p", "-t", pane,
-                                      marker + "#{pane_dead}"),
-                            capture_output=True)
+    result = _tmux_run(("capture-pane", "-p", "-J", "-t", pane, ";",
+                        "display-message", "-p", "-t", pane, marker + "#{pane_dead}"))
     if result.returncode:
         return None
     text = result.stdout.decode(errors="replace")
@@ -1559,16 +1741,24 @@ def _check_provider(name, spec, origin):
     return spec
 
 
+_providers_cache = [None, None]  # [settings it was built from, table]
+
+
 def providers():
-    """The provider table: built-ins plus valid entries from settings.json."""
+    """The provider table: built-ins plus valid entries from settings.json (built
+    again only when settings.json changed)."""
+    settings = load_settings()
+    if _providers_cache[0] is settings:
+        return _providers_cache[1]
     table = dict(PROVIDERS)
-    user = load_settings().get("providers", {})
+    user = settings.get("providers", {})
     if not isinstance(user, dict):
         raise ConfigError(f"{cao_home() / 'settings.json'}: \"providers\" must be an object")
     for name, spec in user.items():
         if not NAME_RE.fullmatch(name) or not isinstance(spec, dict):
             raise ConfigError(f"settings.json: provider {name!r} needs a simple name and an object")
         table[name] = _check_provider(name, {**table.get(name, {}), **spec}, "settings.json")
+    _providers_cache[:] = [settings, table]
     return table
 
 
@@ -1727,178 +1917,6 @@ def _answer_text(lines, start, end, marker):
 
 
 ###############################################################################
-# Demo agent ##################################################################
-###############################################################################
-
-DEMO_PROMPT = "> "
-
-
-class _DemoInput:
-    """Reads one submitted input from a raw tty, understanding bracketed paste, so a
-    pasted multi-line message stays one input until Enter, as in real agent CLIs."""
-
-    def __init__(self, fd):
-        self.fd, self.pending = fd, b""
-
-    PASTE_MARKS = (b"\x1b[200~", b"\x1b[201~")
-
-    def _next_chunk(self):
-        """Pending bytes plus fresh reads, never ending inside a paste marker (a
-        marker split across two reads would otherwise leave the paste open)."""
-        data = self.pending
-        while not data or self._ends_mid_marker(data):
-            chunk = os.read(self.fd, 4096)
-            if not chunk:
-                return None
-            data += chunk
-        return data
-
-    def _ends_mid_marker(self, data):
-        tail = data[-5:]
-        partial = tail[tail.rfind(b"\x1b"):] if b"\x1b" in tail else b""
-        return any(m.startswith(partial) and m != partial for m in self.PASTE_MARKS) if partial else False
-
-    def read(self):
-        buf, in_paste = [], False
-        while True:
-            data = self._next_chunk()
-            if data is None:
-                return None
-            self.pending = b""
-            i = 0
-            while i < len(data):
-                if data.startswith(b"\x1b[200~", i):
-                    in_paste, i = True, i + 6
-                elif data.startswith(b"\x1b[201~", i):
-                    in_paste, i = False, i + 6
-                elif data[i:i + 1] in (b"\r", b"\n") and not in_paste:
-                    self.pending = data[i + 1:]
-                    sys.stdout.write("\r\n")
-                    return b"".join(buf).decode(errors="replace")
-                elif data[i:i + 1] == b"\x04" and not buf:
-                    return None
-                elif data[i:i + 1] == b"\x03":
-                    buf = []
-                    sys.stdout.write("^C\r\n" + DEMO_PROMPT)
-                    i += 1
-                elif data[i:i + 1] in (b"\x7f", b"\x08"):
-                    if buf:
-                        buf.pop()
-                        sys.stdout.write("\b \b")
-                    i += 1
-                else:
-                    ch = data[i:i + 1]
-                    ch = b"\n" if ch == b"\r" else ch
-                    buf.append(ch)
-                    sys.stdout.write("\u21b5" if ch == b"\n" else ch.decode(errors="replace"))
-                    i += 1
-            sys.stdout.flush()
-
-
-def _demo_call_tool(name, arguments):
-    """Call one tool of `cao mcp` through the MCP SDK's stdio client, as an agent would."""
-    import_optional("mcp", "the demo agent's orchestration commands")
-    import asyncio
-    from mcp import ClientSession, StdioServerParameters
-    from mcp.client.stdio import stdio_client
-
-    async def call():
-        params = StdioServerParameters(command=self_command()[0],
-                                       args=self_command()[1:] + ["mcp"], env=dict(os.environ))
-        # The server's stderr must not scribble on this agent's screen.
-        with open_log("mcp.log", text=True) as errlog:
-            async with stdio_client(params, errlog=errlog) as (read, write):
-                async with ClientSession(read, write) as session:
-                    await session.initialize()
-                    result = await session.call_tool(name, arguments)
-                    return json.loads(result.content[0].text)
-    return asyncio.run(call())
-
-
-def _demo_command(first):
-    """Run /handoff PROFILE TEXT, /assign PROFILE TEXT or /send ID|- TEXT; None if not one."""
-    parts = first.split(None, 2)
-    if len(parts) < 3 or parts[0] not in ("/handoff", "/assign", "/send"):
-        return None
-    command, target, text = parts
-    try:
-        if command == "/handoff":
-            result = _demo_call_tool("handoff", {"agent_profile": target, "message": text})
-            return result.get("output") if result.get("success") else \
-                f"error: {result.get('message') or result.get('error')}"
-        if command == "/assign":
-            result = _demo_call_tool("assign", {"agent_profile": target, "message": text})
-            return f"assigned {result['terminal_id']}" if result.get("success") else \
-                f"error: {result.get('error')}"
-        args = {"message": text} if target == "-" else {"message": text, "receiver_id": target}
-        result = _demo_call_tool("send_message", args)
-        return None if result.get("success") else f"error: {result.get('error')}"
-    except Exception as e:  # the demo reports any failure on screen, like an agent would
-        return f"error: {type(e).__name__}: {e}"
-
-
-def demo_answer(text):
-    """The demo agent's reply to one input (only its first line counts)."""
-    first = (text.strip().split("\n") or [""])[0].strip()
-    return f"done: {_demo_command(first) or first}"
-
-
-def _demo_audit(path, text, reader):
-    """Append one JSON line per input to CAO_DEMO_LOG, noting whether more input
-    arrived while this one was being answered (which cao must never cause)."""
-    busy_input = bool(reader.pending) or bool(select.select([reader.fd], [], [], 0)[0])
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"terminal_id": os.environ.get("CAO_TERMINAL_ID"), "input": text,
-                            "busy_input": busy_input, "t": time.time()}) + "\n")
-
-
-def run_demo_agent(profile):
-    import termios
-    import tty
-    delay = float(os.environ.get("CAO_DEMO_DELAY", "0.3") or 0)
-    audit = os.environ.get("CAO_DEMO_LOG")
-    interactive = os.isatty(0)
-    saved = termios.tcgetattr(0) if interactive else None
-    out = sys.stdout
-    if interactive:
-        tty.setcbreak(0)
-        out.write("\x1b[?2004h")
-    reader = _DemoInput(0)
-    out.write(f"cao demo agent (profile: {profile}). Type a message; Ctrl-D exits.\r\n")
-    try:
-        while True:
-            out.write(DEMO_PROMPT)
-            out.flush()
-            text = reader.read() if interactive else sys.stdin.readline() or None
-            if text is None:
-                break
-            if not text.strip():
-                continue
-            started = time.monotonic()
-            spin = 0
-            while True:  # the busy line stays up while the answer (maybe a handoff) is made
-                out.write("\r" + "|/-\\"[spin % 4] + " working...")
-                out.flush()
-                spin += 1
-                left = delay - (time.monotonic() - started)
-                if left <= 0:
-                    break
-                time.sleep(min(0.1, left))
-            answer = demo_answer(text)
-            if audit:
-                _demo_audit(audit, text, reader)
-            out.write("\r\x1b[K" + answer.replace("\n", "\r\n") + "\r\n")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if interactive:
-            out.write("\x1b[?2004l")
-            out.flush()
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-    return 0
-
-
-###############################################################################
 # Terminals ###################################################################
 ###############################################################################
 
@@ -1915,21 +1933,6 @@ KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-
 WINDOW_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "SHELL",
                    "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR")
 DEFAULT_PROVIDER = "demo"
-
-
-def session_name_for(name):
-    if not isinstance(name, str) or not name.strip():
-        raise CaoError("session name is empty; name a session (see `cao session list`)")
-    name = name if name.startswith(SESSION_PREFIX) else SESSION_PREFIX + name
-    if not NAME_RE.fullmatch(name):
-        raise CaoError(f"invalid session name {name!r}; use letters, digits, '_' or '-' (max 64)")
-    return name
-
-
-def check_terminal_id(terminal_id):
-    if not isinstance(terminal_id, str) or not TERMINAL_ID_RE.fullmatch(terminal_id):
-        raise CaoError(f"invalid terminal id {terminal_id!r}; ids are 8 lowercase hex characters")
-    return terminal_id
 
 
 def _below(path, tree):
@@ -2255,7 +2258,11 @@ class StatusTracker:
             self.watcher.remove(terminal_id)
             return
         gen = term.input_gen
-        state = tmux_capture_state(row["pane_id"])
+        try:
+            state = tmux_capture_state(row["pane_id"])
+        except TmuxError:
+            self.poke_later(term, 1.0)  # tmux is busy or stuck: look again, never hang
+            return
         if state is None:
             self.gone(terminal_id, "its tmux window was closed")
             return
@@ -2912,6 +2919,112 @@ class Inbox:
 
 
 
+# -- orchestration: the agents' tools ------------------------------------------
+# handoff, assign, send_message and delete_terminal run in `cao mcp`, inside an
+# agent's CLI, and act through the Client. Each is registered once here; the MCP
+# section serves the table. Its docstring is what the model reads. A parameter
+# named in `flagged` is offered only while its environment flag is on.
+
+AGENT_TOOLS = []  # [(function, one-line summary, {parameter: flag})]
+
+
+def agent_tool(summary, flagged=None):
+    def register(func):
+        AGENT_TOOLS.append((func, summary, flagged or {}))
+        return func
+    return register
+
+
+def _caller(client):
+    terminal_id = os.environ.get("CAO_TERMINAL_ID")
+    if not terminal_id:
+        raise CaoError("CAO_TERMINAL_ID is not set: cao mcp must run inside a cao terminal")
+    return client.terminal(terminal_id)
+
+
+def _start_worker(client, caller, agent_profile, working_directory, initial_message=None):
+    _check_profile_name(agent_profile)
+    profile = client.profile(agent_profile)
+    body = {"agent_profile": agent_profile, "caller_id": caller["id"],
+            "provider": profile.get("provider") or caller["provider"],
+            "working_directory": working_directory or client.working_directory(caller["id"])}
+    if initial_message is not None:
+        body["initial_message"] = initial_message
+    return client.create_terminal(caller["session_name"], **body)
+
+
+_WORKDIR_FLAG = {"working_directory": "CAO_ENABLE_WORKING_DIRECTORY"}
+
+
+@agent_tool("wait for a worker's answer", _WORKDIR_FLAG)
+def handoff(agent_profile: str, message: str, timeout: int = 600,
+            working_directory: str | None = None) -> dict:
+    """Hand a task to a new worker agent, wait until it finishes and return its
+    answer; the worker is removed afterwards. timeout is 1-3600 seconds."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 1 <= timeout <= 3600:
+        raise CaoError(f"timeout={timeout!r} is out of range; use 1 to 3600 seconds")
+    client = Client()
+    caller = _caller(client)
+    started = time.monotonic()
+    worker = _start_worker(client, caller, agent_profile, working_directory)
+    wid = worker["id"]
+    client.send_input(wid, message)
+    try:  # no progress line: stderr may be an agent's pane
+        status = client.wait_for_status(wid, DONE_STATUSES, timeout)
+    except WaitTimeout:
+        return {"success": False, "output": None, "terminal_id": wid,
+                "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "
+                           "so you can inspect it (delete_terminal when done)"}
+    if status not in ("completed", "idle"):
+        return {"success": False, "output": None, "terminal_id": wid,
+                "message": f"Handoff failed: worker {wid} is {status}; it is kept for inspection"}
+    output = client.output(wid, "last")
+    client.exit_terminal(wid)
+    client.delete_terminal(wid)
+    return {"success": True, "output": output, "terminal_id": wid,
+            "message": f"Successfully handed off to {agent_profile} ({worker['provider']}) "
+                       f"in {time.monotonic() - started:.1f}s"}
+
+
+@agent_tool("start a worker; it reports back with send_message", _WORKDIR_FLAG)
+def assign(agent_profile: str, message: str, working_directory: str | None = None) -> dict:
+    """Start a worker agent on a task and return its terminal id at once; the
+    worker sends its results back to you with send_message."""
+    client = Client()
+    caller = _caller(client)
+    if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
+        message += (f"\n\n[Assigned by terminal {caller['id']}. When done, send results back "
+                    f"to terminal {caller['id']} using send_message]")
+    worker = _start_worker(client, caller, agent_profile, working_directory,
+                           initial_message=message)
+    return {"success": True, "terminal_id": worker["id"],
+            "message": f"Task assigned to {agent_profile} (terminal: {worker['id']}). It will "
+                       "report back with send_message; call delete_terminal when done with it."}
+
+
+@agent_tool("to another terminal's inbox")
+def send_message(message: str, receiver_id: str | None = None) -> dict:
+    """Send a message to another terminal's inbox; it is delivered when that agent is
+    idle. Without receiver_id it goes to the terminal that assigned you."""
+    client = Client()
+    caller = _caller(client)
+    receiver_id = receiver_id or caller.get("caller_id")
+    if not receiver_id:
+        raise CaoError("no receiver_id given and no terminal assigned this one; pass receiver_id")
+    if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
+        message += (f"\n\n[Message from terminal {caller['id']}. Use send_message MCP tool "
+                    "for any follow-up work.]")
+    return client.post_message(receiver_id, caller["id"], message)
+
+
+@agent_tool("remove a worker you no longer need")
+def delete_terminal(terminal_id: str) -> dict:
+    """Remove a worker terminal you no longer need (its scrollback is saved)."""
+    Client().delete_terminal(terminal_id)
+    return {"success": True, "message": f"terminal {terminal_id} deleted"}
+
+
 ###############################################################################
 # Application #################################################################
 ###############################################################################
@@ -3534,177 +3647,30 @@ def serve(host, port):
     return 0
 
 
-# -- client ------------------------------------------------------------------
-
-DONE_STATUSES = ("completed", "idle", "waiting_user_answer", "error")
-
-
-def api(method, path, params=None, body=None, timeout=60):
-    """Call the cao server; returns decoded JSON or raises CaoError with its detail."""
-    host, port = api_address()
-    query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload else {}
-        conn.request(method, urllib.parse.quote(path) + ("?" + query if query else ""),
-                     body=payload, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-    except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
-        if isinstance(e, socket.timeout):
-            raise ServerUnavailable(f"cao-server at {host}:{port} did not answer {method} {path} "
-                                    f"within {timeout:g} s")
-        raise ServerUnavailable(f"cao-server is not running at http://{host}:{port}; "
-                                "start it with `cao-server` (`cao launch` starts one for you)")
-    finally:
-        conn.close()
-    try:
-        result = json.loads(data) if data else None
-    except ValueError:  # not cao's JSON: one line of whatever answered
-        result = {"detail": " ".join(data.decode(errors="replace").split())[:200]}
-    if resp.status >= 400:
-        error = {404: NotFound, 409: Conflict, 413: TooLarge}.get(resp.status, CaoError)
-        raise error(result.get("detail") if isinstance(result, dict) else str(result))
-    return result
-
-
-class Progress:
-    """A one-line spinner on stderr while waiting, shown only on a terminal."""
-
-    def __init__(self, label, shown=True):
-        self.label, self.started = label, time.monotonic()
-        self.tty = shown and sys.stderr.isatty()
-        self.frame = 0
-
-    def update(self, status):
-        if self.tty:
-            self.frame += 1
-            spinner = "|/-\\"[self.frame % 4]
-            sys.stderr.write(f"\r{spinner} {self.label}: {status} "
-                             f"({time.monotonic() - self.started:.0f}s)\x1b[K")
-            sys.stderr.flush()
-
-    def done(self):
-        if self.tty:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
-
-
-def wait_for_status(terminal_id, wanted, timeout, label=None):
-    """Follow /events until the terminal reaches one of `wanted`; returns the status."""
-    progress = Progress(label, shown=label is not None)
-    deadline = time.monotonic() + timeout
-    cursor = api("GET", "/events")["next"]
-    try:
-        while True:
-            status = api("GET", f"/terminals/{terminal_id}")["status"]
-            progress.update(status)
-            if status in wanted:
-                return status
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WaitTimeout(f"timed out after {timeout:g} s waiting for terminal {terminal_id} "
-                               f"(status {status}); check it with `cao session status`")
-            wait = min(remaining, 2.0 if progress.tty else 20.0)
-            cursor = api("GET", "/events", {"after": cursor, "wait": f"{wait:.2f}"},
-                         timeout=wait + 30)["next"]
-    finally:
-        progress.done()
-
-
 ###############################################################################
 # MCP servers #################################################################
 ###############################################################################
 
-# `cao mcp` runs inside each agent CLI as its stdio MCP server. It knows its
-# caller by CAO_TERMINAL_ID and does everything through the HTTP API above.
+# `cao mcp` runs inside each agent CLI as its stdio MCP server and serves
+# AGENT_TOOLS. It knows its caller by CAO_TERMINAL_ID.
 
-MCP_INSTRUCTIONS = ("Tools to delegate work to other agents of this cao session: handoff "
-                    "(wait for a worker's answer), assign (start a worker; it reports back "
-                    "with send_message) and send_message (to another terminal's inbox).")
+def _as_mcp_tool(func, flagged):
+    """func for the MCP SDK: a CaoError becomes {"success": false, "error": ...},
+    and a parameter whose flag is off is not offered to the model."""
+    import functools
+    import inspect
+    hidden = {name for name, flag in flagged.items() if not _flag(flag, "false")}
+    signature = inspect.signature(func)
 
-
-def _caller():
-    terminal_id = os.environ.get("CAO_TERMINAL_ID")
-    if not terminal_id:
-        raise CaoError("CAO_TERMINAL_ID is not set: cao mcp must run inside a cao terminal")
-    return api("GET", f"/terminals/{check_terminal_id(terminal_id)}")
-
-
-def _start_worker(caller, agent_profile, working_directory, initial_message=None):
-    _check_profile_name(agent_profile)
-    profile = api("GET", f"/agents/profiles/{agent_profile}")
-    body = {"agent_profile": agent_profile, "caller_id": caller["id"],
-            "provider": profile.get("provider") or caller["provider"],
-            "working_directory": working_directory or api(
-                "GET", f"/terminals/{caller['id']}/working-directory")["working_directory"]}
-    if initial_message is not None:
-        body["initial_message"] = initial_message
-    return api("POST", f"/sessions/{caller['session_name']}/terminals", body=body, timeout=300)
-
-
-def mcp_handoff(agent_profile, message, timeout=600, working_directory=None):
-    """Run a task on a new worker, wait for its answer, then remove the worker."""
-    if not isinstance(timeout, (int, float)) or not 1 <= timeout <= 3600:
-        raise CaoError(f"timeout={timeout!r} is out of range; use 1 to 3600 seconds")
-    caller = _caller()
-    started = time.monotonic()
-    worker = _start_worker(caller, agent_profile, working_directory)
-    wid = worker["id"]
-    api("POST", f"/terminals/{wid}/input", body={"message": message})
-    try:
-        status = wait_for_status(wid, DONE_STATUSES, timeout)  # no progress: stderr may be a pane
-    except WaitTimeout:
-        return {"success": False, "output": None, "terminal_id": wid,
-                "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "
-                           "so you can inspect it (delete_terminal when done)"}
-    if status not in ("completed", "idle"):
-        return {"success": False, "output": None, "terminal_id": wid,
-                "message": f"Handoff failed: worker {wid} is {status}; it is kept for inspection"}
-    output = api("GET", f"/terminals/{wid}/output", {"mode": "last"})["output"]
-    api("POST", f"/terminals/{wid}/exit")
-    api("DELETE", f"/terminals/{wid}")
-    return {"success": True, "output": output, "terminal_id": wid,
-            "message": f"Successfully handed off to {agent_profile} ({worker['provider']}) "
-                       f"in {time.monotonic() - started:.1f}s"}
-
-
-def mcp_assign(agent_profile, message, working_directory=None):
-    """Start a worker on a task and return at once with its terminal id."""
-    caller = _caller()
-    if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
-        message += (f"\n\n[Assigned by terminal {caller['id']}. When done, send results back "
-                    f"to terminal {caller['id']} using send_message]")
-    worker = _start_worker(caller, agent_profile, working_directory, initial_message=message)
-    return {"success": True, "terminal_id": worker["id"],
-            "message": f"Task assigned to {agent_profile} (terminal: {worker['id']}). It will "
-                       "report back with send_message; call delete_terminal when done with it."}
-
-
-def mcp_send_message(message, receiver_id=None):
-    """Queue a message for another terminal (default: the one that assigned you)."""
-    caller = _caller()
-    receiver_id = receiver_id or caller.get("caller_id")
-    if not receiver_id:
-        raise CaoError("no receiver_id given and no terminal assigned this one; pass receiver_id")
-    if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
-        message += (f"\n\n[Message from terminal {caller['id']}. Use send_message MCP tool "
-                    "for any follow-up work.]")
-    return api("POST", f"/terminals/{check_terminal_id(receiver_id)}/inbox/messages",
-               body={"sender_id": caller["id"], "message": message})
-
-
-def mcp_delete_terminal(terminal_id):
-    api("DELETE", f"/terminals/{check_terminal_id(terminal_id)}")
-    return {"success": True, "message": f"terminal {terminal_id} deleted"}
-
-
-def _tool_result(func, *args):
-    try:
-        return func(*args)
-    except CaoError as e:
-        return {"success": False, "error": str(e)}
+    @functools.wraps(func)
+    def tool(**arguments):
+        try:
+            return func(**arguments)
+        except CaoError as e:
+            return {"success": False, "error": str(e)}
+    tool.__signature__ = signature.replace(parameters=[
+        p for name, p in signature.parameters.items() if name not in hidden])
+    return tool
 
 
 def run_mcp_server():
@@ -3713,42 +3679,184 @@ def run_mcp_server():
         from mcp.server.mcpserver import MCPServer
     except ImportError:  # mcp < 2 calls it FastMCP
         from mcp.server.fastmcp import FastMCP as MCPServer
-    server = MCPServer("cao-mcp-server", instructions=MCP_INSTRUCTIONS)
-    tool = server.tool()
-    if _flag("CAO_ENABLE_WORKING_DIRECTORY", "false"):
-        def handoff(agent_profile: str, message: str, timeout: int = 600,
-                    working_directory: str | None = None) -> dict:
-            """Hand a task to a new worker agent, wait until it finishes and return its
-            answer; the worker is removed afterwards. timeout is 1-3600 seconds."""
-            return _tool_result(mcp_handoff, agent_profile, message, timeout, working_directory)
-
-        def assign(agent_profile: str, message: str, working_directory: str | None = None) -> dict:
-            """Start a worker agent on a task and return its terminal id at once; the
-            worker sends its results back to you with send_message."""
-            return _tool_result(mcp_assign, agent_profile, message, working_directory)
-    else:
-        def handoff(agent_profile: str, message: str, timeout: int = 600) -> dict:
-            """Hand a task to a new worker agent, wait until it finishes and return its
-            answer; the worker is removed afterwards. timeout is 1-3600 seconds."""
-            return _tool_result(mcp_handoff, agent_profile, message, timeout)
-
-        def assign(agent_profile: str, message: str) -> dict:
-            """Start a worker agent on a task and return its terminal id at once; the
-            worker sends its results back to you with send_message."""
-            return _tool_result(mcp_assign, agent_profile, message)
-
-    def send_message(message: str, receiver_id: str | None = None) -> dict:
-        """Send a message to another terminal's inbox; it is delivered when that agent is
-        idle. Without receiver_id it goes to the terminal that assigned you."""
-        return _tool_result(mcp_send_message, message, receiver_id)
-
-    def delete_terminal(terminal_id: str) -> dict:
-        """Remove a worker terminal you no longer need (its scrollback is saved)."""
-        return _tool_result(mcp_delete_terminal, terminal_id)
-
-    for func in (handoff, assign, send_message, delete_terminal):
-        tool(func)
+    summaries = ", ".join(f"{func.__name__} ({summary})" for func, summary, _ in AGENT_TOOLS)
+    server = MCPServer("cao-mcp-server", instructions="Tools to delegate work to other agents "
+                                                      f"of this cao session: {summaries}.")
+    for func, _, flagged in AGENT_TOOLS:
+        server.tool()(_as_mcp_tool(func, flagged))
     server.run()
+    return 0
+
+
+###############################################################################
+# Demo agent ##################################################################
+###############################################################################
+
+DEMO_PROMPT = "> "
+
+
+class _DemoInput:
+    """Reads one submitted input from a raw tty, understanding bracketed paste, so a
+    pasted multi-line message stays one input until Enter, as in real agent CLIs."""
+
+    def __init__(self, fd):
+        self.fd, self.pending = fd, b""
+
+    PASTE_MARKS = (b"\x1b[200~", b"\x1b[201~")
+
+    def _next_chunk(self):
+        """Pending bytes plus fresh reads, never ending inside a paste marker (a
+        marker split across two reads would otherwise leave the paste open)."""
+        data = self.pending
+        while not data or self._ends_mid_marker(data):
+            chunk = os.read(self.fd, 4096)
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def _ends_mid_marker(self, data):
+        tail = data[-5:]
+        partial = tail[tail.rfind(b"\x1b"):] if b"\x1b" in tail else b""
+        return any(m.startswith(partial) and m != partial for m in self.PASTE_MARKS) if partial else False
+
+    def read(self):
+        buf, in_paste = [], False
+        while True:
+            data = self._next_chunk()
+            if data is None:
+                return None
+            self.pending = b""
+            i = 0
+            while i < len(data):
+                if data.startswith(b"\x1b[200~", i):
+                    in_paste, i = True, i + 6
+                elif data.startswith(b"\x1b[201~", i):
+                    in_paste, i = False, i + 6
+                elif data[i:i + 1] in (b"\r", b"\n") and not in_paste:
+                    self.pending = data[i + 1:]
+                    sys.stdout.write("\r\n")
+                    return b"".join(buf).decode(errors="replace")
+                elif data[i:i + 1] == b"\x04" and not buf:
+                    return None
+                elif data[i:i + 1] == b"\x03":
+                    buf = []
+                    sys.stdout.write("^C\r\n" + DEMO_PROMPT)
+                    i += 1
+                elif data[i:i + 1] in (b"\x7f", b"\x08"):
+                    if buf:
+                        buf.pop()
+                        sys.stdout.write("\b \b")
+                    i += 1
+                else:
+                    ch = data[i:i + 1]
+                    ch = b"\n" if ch == b"\r" else ch
+                    buf.append(ch)
+                    sys.stdout.write("\u21b5" if ch == b"\n" else ch.decode(errors="replace"))
+                    i += 1
+            sys.stdout.flush()
+
+
+def _demo_call_tool(name, arguments):
+    """Call one tool of `cao mcp` through the MCP SDK's stdio client, as an agent would."""
+    import_optional("mcp", "the demo agent's orchestration commands")
+    import asyncio
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    async def call():
+        params = StdioServerParameters(command=self_command()[0],
+                                       args=self_command()[1:] + ["mcp"], env=dict(os.environ))
+        # The server's stderr must not scribble on this agent's screen.
+        with open_log("mcp.log", text=True) as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    result = await session.call_tool(name, arguments)
+                    return json.loads(result.content[0].text)
+    return asyncio.run(call())
+
+
+def _demo_command(first):
+    """Run /handoff PROFILE TEXT, /assign PROFILE TEXT or /send ID|- TEXT; None if not one."""
+    parts = first.split(None, 2)
+    if len(parts) < 3 or parts[0] not in ("/handoff", "/assign", "/send"):
+        return None
+    command, target, text = parts
+    try:
+        if command == "/handoff":
+            result = _demo_call_tool("handoff", {"agent_profile": target, "message": text})
+            return result.get("output") if result.get("success") else \
+                f"error: {result.get('message') or result.get('error')}"
+        if command == "/assign":
+            result = _demo_call_tool("assign", {"agent_profile": target, "message": text})
+            return f"assigned {result['terminal_id']}" if result.get("success") else \
+                f"error: {result.get('error')}"
+        args = {"message": text} if target == "-" else {"message": text, "receiver_id": target}
+        result = _demo_call_tool("send_message", args)
+        return None if result.get("success") else f"error: {result.get('error')}"
+    except Exception as e:  # the demo reports any failure on screen, like an agent would
+        return f"error: {type(e).__name__}: {e}"
+
+
+def demo_answer(text):
+    """The demo agent's reply to one input (only its first line counts)."""
+    first = (text.strip().split("\n") or [""])[0].strip()
+    return f"done: {_demo_command(first) or first}"
+
+
+def _demo_audit(path, text, reader):
+    """Append one JSON line per input to CAO_DEMO_LOG, noting whether more input
+    arrived while this one was being answered (which cao must never cause)."""
+    busy_input = bool(reader.pending) or bool(select.select([reader.fd], [], [], 0)[0])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"terminal_id": os.environ.get("CAO_TERMINAL_ID"), "input": text,
+                            "busy_input": busy_input, "t": time.time()}) + "\n")
+
+
+def run_demo_agent(profile):
+    import termios
+    import tty
+    delay = float(os.environ.get("CAO_DEMO_DELAY", "0.3") or 0)
+    audit = os.environ.get("CAO_DEMO_LOG")
+    interactive = os.isatty(0)
+    saved = termios.tcgetattr(0) if interactive else None
+    out = sys.stdout
+    if interactive:
+        tty.setcbreak(0)
+        out.write("\x1b[?2004h")
+    reader = _DemoInput(0)
+    out.write(f"cao demo agent (profile: {profile}). Type a message; Ctrl-D exits.\r\n")
+    try:
+        while True:
+            out.write(DEMO_PROMPT)
+            out.flush()
+            text = reader.read() if interactive else sys.stdin.readline() or None
+            if text is None:
+                break
+            if not text.strip():
+                continue
+            started = time.monotonic()
+            spin = 0
+            while True:  # the busy line stays up while the answer (maybe a handoff) is made
+                out.write("\r" + "|/-\\"[spin % 4] + " working...")
+                out.flush()
+                spin += 1
+                left = delay - (time.monotonic() - started)
+                if left <= 0:
+                    break
+                time.sleep(min(0.1, left))
+            answer = demo_answer(text)
+            if audit:
+                _demo_audit(audit, text, reader)
+            out.write("\r\x1b[K" + answer.replace("\n", "\r\n") + "\r\n")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if interactive:
+            out.write("\x1b[?2004l")
+            out.flush()
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
     return 0
 
 
@@ -3756,20 +3864,75 @@ def run_mcp_server():
 # CLI #########################################################################
 ###############################################################################
 
+# Each command is a function registered with @command, its options beside it;
+# build_parser() turns the table into argparse. "session send" is the command
+# `send` in the group `session`.
+
+COMMANDS = []  # [(name, help, options, function)]
+COMMAND_GROUPS = {"session": "list, inspect and message sessions", "terminal": "terminal tools"}
+
+
+def option(*names, **kwargs):
+    return names, kwargs
+
+
+def one_of(*options):
+    """Options of which exactly one must be given."""
+    return None, options
+
+
+def command(name, help, *options):
+    def register(func):
+        COMMANDS.append((name, help, options, func))
+        return func
+    return register
+
+
+def _positive(value):
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
+def _port(value):
+    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 < int(value) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port; use 1-65535")
+    return int(value)
+
+
+def _text(value):
+    """An option's value: empty (often an unset shell variable) is a mistake, never a default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty value (an unset shell variable?); give a value "
+                                         "or leave the option out")
+    return value
+
+
+TIMEOUT = option("--timeout", type=_positive, default=300, help="seconds to wait (default 300)")
+TERMINAL = option("--terminal", help="a terminal id instead of the conductor")
+JSON_OUT = option("--json", action="store_true")
+
+
+# -- helpers shared by commands -------------------------------------------------
+
 def _server_log():
     return ensure_home() / "logs" / "server.log"
 
 
-def ensure_server():
+def ensure_server(client):
     """Return True if a server answers; otherwise start one in the background."""
     try:
-        api("GET", "/health", timeout=5)
+        client.health(timeout=5)
         return False
     except ServerUnavailable:
         pass
-    host, port = api_address()
     log = open_log("server.log")
-    proc = subprocess.Popen(self_command() + ["server", "--host", host, "--port", str(port)],
+    proc = subprocess.Popen(self_command() + ["server", "--host", client.host,
+                                              "--port", str(client.port)],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "CAO_AUTOSTARTED": "1"})
     deadline = time.monotonic() + 15
@@ -3778,73 +3941,43 @@ def ensure_server():
             tail = _server_log().read_text(errors="replace").strip().splitlines()[-1:]
             raise ServerUnavailable(f"cao-server failed to start: {' '.join(tail) or 'no output'}")
         try:
-            api("GET", "/health", timeout=2)
-            print(f"cao-server was not running; started it in the background "
-                  f"(pid {proc.pid}, http://{host}:{port}, log {_server_log()})", file=sys.stderr)
+            client.health(timeout=2)
+            print(f"cao-server was not running; started it in the background (pid {proc.pid}, "
+                  f"http://{client.host}:{client.port}, log {_server_log()})", file=sys.stderr)
             return True
         except ServerUnavailable:
             time.sleep(0.05)
     raise ServerUnavailable(f"cao-server did not become healthy in 15 s; see {_server_log()}")
 
 
-def _print_answer(terminal_id):
+def _print_answer(client, terminal_id):
     try:
-        print(api("GET", f"/terminals/{terminal_id}/output", {"mode": "last"})["output"])
+        print(client.output(terminal_id, "last"))
     except NotFound as e:
         print(f"(no answer on screen: {e})", file=sys.stderr)
 
 
-def _send_and_wait(terminal_id, message, wait, timeout):
-    api("POST", f"/terminals/{terminal_id}/input", body={"message": check_message(message)})
+def _send_and_wait(client, terminal_id, message, wait, timeout):
+    client.send_input(terminal_id, check_message(message))
     if not wait:
         print(f"Sent to terminal {terminal_id}.")
         return 0
-    status = wait_for_status(terminal_id, DONE_STATUSES, timeout, f"terminal {terminal_id}")
-    _print_answer(terminal_id)
+    status = client.wait_for_status(terminal_id, DONE_STATUSES, timeout, f"terminal {terminal_id}")
+    _print_answer(client, terminal_id)
     return 1 if status == "error" else 0
 
 
-def cmd_server(args):
-    return serve(args.host, args.port)
-
-
-def cmd_launch(args):
-    if args.async_ and not args.message:
-        raise CaoError("--async needs a MESSAGE to send; add one or drop --async")
-    _check_profile_name(args.agents)
-    ensure_server()
-    tools = "*" if args.yolo else args.allowed_tools
-    if args.message:
-        check_message(args.message)
-    term = api("POST", "/sessions", body={
-        "agent_profile": args.agents, "provider": args.provider,
-        "session_name": args.session_name, "allowed_tools": tools,
-        "working_directory": resolve_working_directory(args.working_directory)}, timeout=300)
-    session = term["session_name"]
-    print(f"Session created: {session}\nTerminal created: {term['id']} "
-          f"({term['agent_profile']}, {term['provider']}, status {term['status']})")
-    if args.message:
-        wait_for_status(term["id"], READY_STATUSES, 120, f"starting {term['agent_profile']}")
-        if args.headless:
-            return _send_and_wait(term["id"], args.message, not args.async_, args.timeout)
-        api("POST", f"/terminals/{term['id']}/input", body={"message": args.message})
-    if args.headless:
-        return 0
-    if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        print(f"Not on a terminal, so not attaching; watch it with: {shlex.join(tmux_argv('attach', '-t', session))}")
-        return 0
-    os.execvp("tmux", tmux_argv("attach-session", "-t", f"={session}"))
-
-
-def cmd_install(args):
-    if args.provider:
-        get_provider(args.provider)
-    info = install_profile(args.source)
-    print(f"Agent '{info['name']}' installed: {info['path']}")
-    if info["unresolved_vars"]:
-        print(f"Note: unresolved variables {', '.join(info['unresolved_vars'])}; "
-              f"set them in the environment or {cao_home() / '.env'}", file=sys.stderr)
-    return 0
+def _conductor(client, session, terminal_id=None):
+    info = client.session(session)
+    terms = info["terminals"]
+    if terminal_id:
+        match = [t for t in terms if t["id"] == terminal_id]
+        if not match:
+            raise NotFound(f"terminal {terminal_id} is not in session {info['session']['name']}")
+        return info, match[0]
+    if not terms:
+        raise NotFound(f"session {info['session']['name']} has no terminals")
+    return info, terms[0]
 
 
 def _stop_autostarted_server():
@@ -3875,16 +4008,87 @@ def _stop_autostarted_server():
     print(f"Stopped the background cao-server (pid {pid}).")
 
 
+# -- the commands ----------------------------------------------------------------
+
+@command("server", "run the cao server (same as cao-server)",
+         option("--host", default=None, help="loopback address (default 127.0.0.1)"),
+         option("--port", type=_port, default=None, help="port (default 9889)"))
+def cmd_server(args):
+    host, port = api_address()
+    return serve(args.host or host, args.port or port)
+
+
+@command("launch", "start a session with an agent",
+         option("message", nargs="?", help="first message to send to the agent"),
+         option("--agents", required=True, metavar="PROFILE", help="agent profile name"),
+         option("--provider", help="provider (default: the profile's, else settings)"),
+         option("--session-name", help="session name (cao- is prepended)"),
+         option("--working-directory", help="agent working directory (default: here)"),
+         option("--headless", action="store_true", help="do not attach to tmux"),
+         option("--async", dest="async_", action="store_true",
+                help="with MESSAGE: send it and return without waiting"),
+         option("--yolo", action="store_true", help="unrestricted tools, no confirmations"),
+         option("--auto-approve", action="store_true", help="accepted for compatibility"),
+         option("--allowed-tools", help="comma-separated tool allowlist"),
+         TIMEOUT)
+def cmd_launch(args):
+    if args.async_ and not args.message:
+        raise CaoError("--async needs a MESSAGE to send; add one or drop --async")
+    _check_profile_name(args.agents)
+    client = Client()
+    ensure_server(client)
+    if args.message:
+        check_message(args.message)
+    term = client.create_session(
+        agent_profile=args.agents, provider=args.provider, session_name=args.session_name,
+        allowed_tools="*" if args.yolo else args.allowed_tools,
+        working_directory=resolve_working_directory(args.working_directory))
+    session = term["session_name"]
+    print(f"Session created: {session}\nTerminal created: {term['id']} "
+          f"({term['agent_profile']}, {term['provider']}, status {term['status']})")
+    if args.message:
+        client.wait_for_status(term["id"], READY_STATUSES, 120, f"starting {term['agent_profile']}")
+        if args.headless:
+            return _send_and_wait(client, term["id"], args.message, not args.async_, args.timeout)
+        client.send_input(term["id"], args.message)
+    if args.headless:
+        return 0
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("Not on a terminal, so not attaching; watch it with: "
+              f"{shlex.join(tmux_argv('attach', '-t', session))}")
+        return 0
+    os.execvp("tmux", tmux_argv("attach-session", "-t", f"={session}"))
+
+
+@command("install", "install an agent profile (name, .md path or https URL)",
+         option("source"),
+         option("--provider", help="check that this provider exists"))
+def cmd_install(args):
+    if args.provider:
+        get_provider(args.provider)
+    info = install_profile(args.source)
+    print(f"Agent '{info['name']}' installed: {info['path']}")
+    if info["unresolved_vars"]:
+        print(f"Note: unresolved variables {', '.join(info['unresolved_vars'])}; "
+              f"set them in the environment or {cao_home() / '.env'}", file=sys.stderr)
+    return 0
+
+
+@command("shutdown", "shut down sessions",
+         one_of(option("--all", action="store_true", help="every cao session (and a server "
+                                                          "that `cao launch` started)"),
+                option("--session", help="one session by name")))
 def cmd_shutdown(args):
+    client = Client()
     if not args.all:  # one named session, which must exist: never "all" by accident
         name = session_name_for(args.session)
-        api("DELETE", f"/sessions/{name}", timeout=120)
+        client.delete_session(name)
         print(f"Shut down {name}")
         return 0
-    names = [s["name"] for s in api("GET", "/sessions")]
+    names = [s["name"] for s in client.sessions()]
     for name in names:
         try:
-            api("DELETE", f"/sessions/{name}", timeout=120)
+            client.delete_session(name)
             print(f"Shut down {name}")
         except NotFound:
             print(f"{name} was already gone")
@@ -3894,23 +4098,12 @@ def cmd_shutdown(args):
     return 0
 
 
-def _conductor(session, terminal_id=None):
-    info = api("GET", f"/sessions/{session_name_for(session)}")
-    terms = info["terminals"]
-    if terminal_id:
-        match = [t for t in terms if t["id"] == terminal_id]
-        if not match:
-            raise NotFound(f"terminal {terminal_id} is not in session {info['session']['name']}")
-        return info, match[0]
-    if not terms:
-        raise NotFound(f"session {info['session']['name']} has no terminals")
-    return info, terms[0]
-
-
+@command("session list", "list sessions", JSON_OUT)
 def cmd_session_list(args):
+    client = Client()
     rows = []
-    for s in api("GET", "/sessions"):
-        terms = api("GET", f"/sessions/{s['name']}")["terminals"]
+    for s in client.sessions():
+        terms = client.session(s["name"])["terminals"]
         head = terms[0] if terms else {}
         rows.append({"session": s["name"], "conductor": head.get("id", "-"),
                      "status": head.get("status", "-"), "terminals": len(terms),
@@ -3926,10 +4119,15 @@ def cmd_session_list(args):
     return 0
 
 
+@command("session status", "conductor status and last output",
+         option("session"), TERMINAL,
+         option("--workers", action="store_true", help="also list worker terminals"),
+         JSON_OUT)
 def cmd_session_status(args):
-    info, head = _conductor(args.session, args.terminal)
+    client = Client()
+    info, head = _conductor(client, args.session, args.terminal)
     try:
-        last = api("GET", f"/terminals/{head['id']}/output", {"mode": "last"})["output"]
+        last = client.output(head["id"], "last")
     except NotFound:
         last = None
     workers = [t for t in info["terminals"] if t["id"] != head["id"]]
@@ -3949,23 +4147,33 @@ def cmd_session_status(args):
     return 0
 
 
+@command("session send", "send a message and wait for the answer",
+         option("session"), option("message"), TERMINAL,
+         option("--async", dest="async_", action="store_true", help="do not wait"),
+         TIMEOUT)
 def cmd_session_send(args):
-    _, head = _conductor(args.session, args.terminal)
+    client = Client()
+    _, head = _conductor(client, args.session, args.terminal)
     if head["status"] not in ("idle", "completed"):
         raise Conflict(f"terminal {head['id']} is {head['status']}, not idle; wait for it "
                        f"(`cao session status {args.session}`) and send again")
     try:
-        return _send_and_wait(head["id"], args.message, not args.async_, args.timeout)
+        return _send_and_wait(client, head["id"], args.message, not args.async_, args.timeout)
     except KeyboardInterrupt:
         print(f"cao: interrupted; terminal {head['id']} keeps working - see "
               f"`cao session status {args.session}`", file=sys.stderr)
         return 130
 
 
+@command("session inbox", "messages sent to a terminal and their delivery state",
+         option("session"), TERMINAL,
+         option("--status", choices=INBOX_STATES),
+         option("--limit", type=int, default=20, choices=range(1, 101), metavar="1-100"),
+         JSON_OUT)
 def cmd_session_inbox(args):
-    _, head = _conductor(args.session, args.terminal)
-    rows = api("GET", f"/terminals/{head['id']}/inbox/messages",
-               {"limit": args.limit, "status": args.status})
+    client = Client()
+    _, head = _conductor(client, args.session, args.terminal)
+    rows = client.messages(head["id"], args.limit, args.status)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -3980,6 +4188,8 @@ def cmd_session_inbox(args):
     return 0
 
 
+@command("terminal restore", "open a deleted terminal's scrollback in a new window",
+         option("terminal_id"))
 def cmd_terminal_restore(args):
     terminal_id = check_terminal_id(args.terminal_id)
     logs = cao_home() / "logs" / "terminal"
@@ -4003,28 +4213,32 @@ def cmd_terminal_restore(args):
     return 0
 
 
+@command("info", "show paths, server and current session")
 def cmd_info(args):
-    host, port = api_address()
+    client = Client()
     print(f"cao {__version__}\nHome:     {cao_home()}\nDatabase: {cao_home() / 'db' / 'cao.db'}")
     try:
-        health = api("GET", "/health", timeout=5)
-        print(f"Server:   http://{host}:{port} (running, pid {health.get('pid')})")
+        health = client.health(timeout=5)
+        print(f"Server:   http://{client.host}:{client.port} (running, pid {health.get('pid')})")
     except ServerUnavailable:
-        print(f"Server:   http://{host}:{port} (not running)")
+        print(f"Server:   http://{client.host}:{client.port} (not running)")
         return 0
     terminal_id = os.environ.get("CAO_TERMINAL_ID")
     session = None
     if terminal_id:
         try:
-            session = api("GET", f"/terminals/{check_terminal_id(terminal_id)}")["session_name"]
+            session = client.terminal(terminal_id)["session_name"]
         except CaoError:
             pass
     elif os.environ.get("TMUX"):
-        session = subprocess.run(["tmux", "display-message", "-p", "#S"], capture_output=True,
-                                 text=True).stdout.strip()
+        try:  # the user's own tmux ($TMUX), not cao's socket
+            session = subprocess.run(["tmux", "display-message", "-p", "#S"], capture_output=True,
+                                     text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            session = None
     if session and session.startswith(SESSION_PREFIX):
         try:
-            terms = api("GET", f"/sessions/{session}")["terminals"]
+            terms = client.session(session)["terminals"]
             print(f"Session:  {session}\nActive terminals: {len(terms)}")
         except NotFound:
             print(f"Session:  {session} (not known to the server)")
@@ -4033,59 +4247,32 @@ def cmd_info(args):
     return 0
 
 
+@command("mcp", "run the MCP server for agents (same as cao-mcp-server)")
 def cmd_mcp(args):
     return run_mcp_server()
 
 
+@command("hook", "report an agent's state from its CLI's hooks (used by providers)",
+         option("status", choices=("processing", "completed", "waiting_user_answer")),
+         option("payload", nargs="*", type=str, help=argparse.SUPPRESS))
 def cmd_hook(args):
     """Run by a CLI's own hooks; it must never fail the CLI, so errors go to a log."""
     terminal_id = os.environ.get("CAO_TERMINAL_ID", "")
     try:
-        api("POST", f"/terminals/{check_terminal_id(terminal_id)}/signal",
-            body={"status": args.status}, timeout=5)
+        Client().signal(terminal_id, args.status)
     except CaoError as e:
         with open_log("hooks.log") as log:
             log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n".encode())
     return 0
 
 
+@command("demo-agent", "run the demo agent (used by the demo provider)",
+         option("--profile", default="demo"))
 def cmd_demo_agent(args):
     return run_demo_agent(args.profile)
 
 
-def _positive(value):
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
-    return number
-
-
-def _port(value):
-    if not re.fullmatch(r"[0-9]{1,5}", value) or not 0 < int(value) < 65536:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port; use 1-65535")
-    return int(value)
-
-
-def _text(value):
-    """An option's value: empty (often an unset shell variable) is a mistake, never a default."""
-    if not value.strip():
-        raise argparse.ArgumentTypeError("empty value (an unset shell variable?); give a value "
-                                         "or leave the option out")
-    return value
-
-
-def _argv_problem(argv):
-    for number, arg in enumerate(argv, 1):
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
-            raw = arg.encode("utf-8", "surrogateescape")
-            return f"argument {number} ({raw!r}) is not valid UTF-8; pass UTF-8 text"
-    return None
-
+# -- the parser and entry points ---------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs):
@@ -4103,88 +4290,38 @@ def build_parser():
     p.add_argument("-V", "--version", action="version", version=f"cao {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    s = sub.add_parser("server", help="run the cao server (same as cao-server)")
-    s.add_argument("--host", default=None, help="loopback address (default 127.0.0.1)")
-    s.add_argument("--port", type=_port, default=None, help="port (default 9889)")
-    s.set_defaults(func=cmd_server)
-
-    s = sub.add_parser("launch", help="start a session with an agent")
-    s.add_argument("message", nargs="?", help="first message to send to the agent")
-    s.add_argument("--agents", required=True, metavar="PROFILE", help="agent profile name")
-    s.add_argument("--provider", help="provider (default: the profile's, else settings)")
-    s.add_argument("--session-name", help="session name (cao- is prepended)")
-    s.add_argument("--working-directory", help="agent working directory (default: here)")
-    s.add_argument("--headless", action="store_true", help="do not attach to tmux")
-    s.add_argument("--async", dest="async_", action="store_true",
-                   help="with MESSAGE: send it and return without waiting")
-    s.add_argument("--yolo", action="store_true", help="unrestricted tools, no confirmations")
-    s.add_argument("--auto-approve", action="store_true", help="accepted for compatibility")
-    s.add_argument("--allowed-tools", help="comma-separated tool allowlist")
-    s.add_argument("--timeout", type=_positive, default=300, help="seconds to wait (default 300)")
-    s.set_defaults(func=cmd_launch)
-
-    s = sub.add_parser("install", help="install an agent profile (name, .md path or https URL)")
-    s.add_argument("source")
-    s.add_argument("--provider", help="check that this provider exists")
-    s.set_defaults(func=cmd_install)
-
-    s = sub.add_parser("shutdown", help="shut down sessions")
-    group = s.add_mutually_exclusive_group(required=True)
-    group.add_argument("--all", action="store_true", help="every cao session (and a server "
-                       "that `cao launch` started)")
-    group.add_argument("--session", type=_text, help="one session by name")
-    s.set_defaults(func=cmd_shutdown)
-
-    s = sub.add_parser("session", help="list, inspect and message sessions")
-    ssub = s.add_subparsers(dest="session_command", metavar="SUBCOMMAND")
-    ssub.required = True
-    x = ssub.add_parser("list", help="list sessions")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=cmd_session_list)
-    x = ssub.add_parser("status", help="conductor status and last output")
-    x.add_argument("session")
-    x.add_argument("--terminal", help="a terminal id instead of the conductor")
-    x.add_argument("--workers", action="store_true", help="also list worker terminals")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=cmd_session_status)
-    x = ssub.add_parser("send", help="send a message and wait for the answer")
-    x.add_argument("session")
-    x.add_argument("message")
-    x.add_argument("--terminal", help="a terminal id instead of the conductor")
-    x.add_argument("--async", dest="async_", action="store_true", help="do not wait")
-    x.add_argument("--timeout", type=_positive, default=300, help="seconds to wait (default 300)")
-    x.set_defaults(func=cmd_session_send)
-
-    x = ssub.add_parser("inbox", help="messages sent to a terminal and their delivery state")
-    x.add_argument("session")
-    x.add_argument("--terminal", help="a terminal id instead of the conductor")
-    x.add_argument("--status", choices=INBOX_STATES)
-    x.add_argument("--limit", type=int, default=20, choices=range(1, 101), metavar="1-100")
-    x.add_argument("--json", action="store_true")
-    x.set_defaults(func=cmd_session_inbox)
-
-    s = sub.add_parser("terminal", help="terminal tools")
-    tsub = s.add_subparsers(dest="terminal_command", metavar="SUBCOMMAND")
-    tsub.required = True
-    x = tsub.add_parser("restore", help="open a deleted terminal's scrollback in a new window")
-    x.add_argument("terminal_id")
-    x.set_defaults(func=cmd_terminal_restore)
-
-    s = sub.add_parser("info", help="show paths, server and current session")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("mcp", help="run the MCP server for agents (same as cao-mcp-server)")
-    s.set_defaults(func=cmd_mcp)
-
-    s = sub.add_parser("hook", help="report an agent's state from its CLI's hooks (used by providers)")
-    s.add_argument("status", choices=("processing", "completed", "waiting_user_answer"))
-    s.add_argument("payload", nargs="*", type=str, help=argparse.SUPPRESS)
-    s.set_defaults(func=cmd_hook)
-    s = sub.add_parser("demo-agent", help="run the demo agent (used by the demo provider)")
-    s.add_argument("--profile", default="demo")
-    s.set_defaults(func=cmd_demo_agent)
+    groups = {}
+    for name, help, options, func in COMMANDS:
+        group, _, leaf = name.rpartition(" ")
+        parent = sub
+        if group:
+            if group not in groups:
+                g = sub.add_parser(group, help=COMMAND_GROUPS[group])
+                groups[group] = g.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
+                groups[group].required = True
+            parent = groups[group]
+        s = parent.add_parser(leaf, help=help)
+        for names, kwargs in options:
+            if names is None:  # one_of: a group bypasses _Parser.add_argument
+                group = s.add_mutually_exclusive_group(required=True)
+                for inner, inner_kwargs in kwargs:
+                    if inner_kwargs.get("action", "store") == "store":
+                        inner_kwargs = {"type": _text, **inner_kwargs}
+                    group.add_argument(*inner, **inner_kwargs)
+            else:
+                s.add_argument(*names, **kwargs)
+        s.set_defaults(func=func)
     return p
+
+
+def _argv_problem(argv):
+    for number, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogateescape")
+            return f"argument {number} ({raw!r}) is not valid UTF-8; pass UTF-8 text"
+    return None
 
 
 def main(argv=None, prog=None):
@@ -4198,9 +4335,6 @@ def main(argv=None, prog=None):
         print(f"cao: error: {problem}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    if args.command == "server":
-        host, port = api_address()
-        args.host, args.port = args.host or host, args.port or port
     try:
         return args.func(args) or 0
     except CaoError as e:

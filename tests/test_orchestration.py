@@ -117,3 +117,23 @@ def test_handoff_timeout_keeps_the_worker_and_says_so(cao_env):
     assert _status(cao_env, worker) == "processing"  # kept for inspection
     _, deleted = _call_tool(cao_env, "delete_terminal", {"terminal_id": worker}, sup["id"])
     assert deleted["success"] and cao_env.request("GET", f"/terminals/{worker}")[0] == 404
+
+
+def test_working_directory_is_offered_only_with_its_flag(server):
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    async def schemas(flag):
+        params = StdioServerParameters(command=CAO[0], args=CAO[1:] + ["mcp"],
+                                       env={**server.env, "CAO_ENABLE_WORKING_DIRECTORY": flag})
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                tools = (await session.list_tools()).tools
+                return {t.name: set((getattr(t, "input_schema", None) or t.inputSchema)["properties"])
+                        for t in tools}
+    off, on = asyncio.run(schemas("false")), asyncio.run(schemas("true"))
+    assert off["handoff"] == {"agent_profile", "message", "timeout"}
+    assert on["handoff"] == off["handoff"] | {"working_directory"}
+    assert on["assign"] - off["assign"] == {"working_directory"}
+    assert on["send_message"] == off["send_message"] == {"message", "receiver_id"}
