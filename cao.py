@@ -95,140 +95,16 @@ class WaitTimeout(CaoError):
 
 
 ###############################################################################
-# Paths and config ############################################################
+# Helpers #####################################################################
 ###############################################################################
 
+# -- names ---------------------------------------------------------------------
+
 SESSION_PREFIX = "cao-"
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9889
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 TERMINAL_ID_RE = re.compile(r"[0-9a-f]{8}")
 PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 HOSTNAME_RE = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
-HOME_SUBDIRS = ("db", "logs", "logs/terminal", "agent-store", "agent-context", "skills", "terminals",
-                "flows", "fifos")
-# A user switching from upstream keeps the profiles installed there.
-UPSTREAM_HOME = Path("~/.aws/cli-agent-orchestrator").expanduser()
-
-
-def cao_home():
-    return Path(os.environ.get("CAO_HOME_DIR") or "~/.cao").expanduser()
-
-
-# -- file boundaries -----------------------------------------------------------
-# cao reads and writes only inside its own folders. A folder root itself may be
-# a symlink (a user's choice); a link *inside* it that leads out is refused, and
-# so is anything that is not a regular file (a FIFO would hang the reader).
-
-MAX_FILE = 1 << 20
-
-
-def within(path, root):
-    """True when path, with every symlink resolved, is root or lies below it."""
-    real, base = os.path.realpath(path), os.path.realpath(root)
-    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
-
-
-def _escape_error(path, root):
-    return ConfigError(f"{path} leads out of {root} through a symlink; cao does not follow "
-                       "links out of its folders: replace the link with a real file or folder")
-
-
-def refuse_escape(path, root):
-    if not within(path, root):
-        raise _escape_error(path, root)
-
-
-def _opened_path(fd):
-    """Where an open fd really is (Linux); None where the platform cannot say."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
-
-
-def _open_inside(path, root, flags, mode=0o600):
-    refuse_escape(path, root)
-    try:
-        fd = os.open(os.path.realpath(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    except OSError as e:
-        if e.errno == errno.ELOOP:  # swapped for a link after the check above
-            raise _escape_error(path, root)
-        raise
-    where = _opened_path(fd)
-    if where is not None and not within(where, root):
-        os.close(fd)
-        raise _escape_error(path, root)
-    return fd
-
-
-def read_inside(path, root, limit=MAX_FILE):
-    """Text of a regular file below root. FileNotFoundError passes through."""
-    try:
-        fd = _open_inside(path, root, os.O_RDONLY | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}; check the file and its permissions")
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path} is not a regular file; replace it with one")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ConfigError(f"{path} is larger than {limit} bytes; cao reads files up to that size")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
-
-
-def append_inside(path, root):
-    """A binary file below root opened for appending, created 0600 if missing."""
-    fd = _open_inside(path, root, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ConfigError(f"{path} is not a regular file; remove it")
-    return os.fdopen(fd, "ab", 0)
-
-
-def write_inside(path, root, data, mode=0o600):
-    """Replace a file below root atomically: a new file in the same folder, then a
-    rename over the old name (which replaces a planted link instead of following it)."""
-    path = Path(path)
-    folder_fd = _open_inside(path.parent, root, os.O_RDONLY | os.O_DIRECTORY)
-    tmp = f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     mode, dir_fd=folder_fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=folder_fd)
-        except OSError:
-            pass
-        raise
-    finally:
-        os.close(folder_fd)
-
-
-def ensure_home():
-    home = cao_home()
-    if not home.is_dir():
-        home.mkdir(parents=True, mode=0o700)
-    for sub in HOME_SUBDIRS:
-        (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
-        refuse_escape(home / sub, home)
-    return home
-
-
-def api_address():
-    host = os.environ.get("CAO_API_HOST") or DEFAULT_HOST
-    port = os.environ.get("CAO_API_PORT") or str(DEFAULT_PORT)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"CAO_API_PORT={port!r} is not a port; set it to 1-65535")
-    return host, int(port)
 
 
 def session_name_for(name):
@@ -258,133 +134,12 @@ def _flag(name, default):
 _settings_cache = {}  # path -> (file identity, settings)
 
 
-def load_settings():
-    """settings.json as a dict, read again only when the file changes."""
-    path = cao_home() / "settings.json"
-    try:
-        info = os.stat(path)
-        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-    except OSError:
-        identity = None
-    cached = _settings_cache.get(path)
-    if cached and cached[0] == identity:
-        return cached[1]
-    try:
-        settings = json.loads(read_inside(path, cao_home()))
-    except FileNotFoundError:
-        settings = {}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file")
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
-    _settings_cache[path] = (identity, settings)
-    return settings
+def _check_profile_name(name):
+    if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
+        raise CaoError(f"invalid agent profile name {name!r}; use 1-64 letters, digits, '_' or '-'")
 
 
-def _zip_archive():
-    loader = globals().get("__loader__")
-    return loader.archive if isinstance(loader, zipimport.zipimporter) else None
-
-
-def open_log(name, text=False):
-    """A log file in CAO_HOME_DIR/logs, opened for appending."""
-    home = ensure_home()
-    log = append_inside(home / "logs" / name, home)
-    return io.TextIOWrapper(log, encoding="utf-8", errors="replace", write_through=True) \
-        if text else log
-
-
-def _resource_roots():
-    # A checkout or zipapp keeps data beside cao.py; a wheel puts it in cao_data/.
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [here, os.path.join(here, "cao_data")]
-
-
-def read_resource(relpath):
-    """Bytes of a packaged file (web_static/..., profiles/...), or None."""
-    archive = _zip_archive()
-    if archive:
-        import zipfile  # only a zipapp needs it
-    for root in _resource_roots():
-        if archive:
-            inner = os.path.relpath(os.path.join(root, relpath), archive)
-            try:
-                with zipfile.ZipFile(archive) as z:
-                    return z.read(inner.replace(os.sep, "/"))
-            except KeyError:
-                continue
-        path = os.path.join(root, relpath)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                return f.read()
-    return None
-
-
-def list_resources(reldir):
-    archive = _zip_archive()
-    if archive:
-        import zipfile
-        with zipfile.ZipFile(archive) as z:
-            prefix = reldir.rstrip("/") + "/"
-            return sorted(n[len(prefix):] for n in z.namelist()
-                          if n.startswith(prefix) and "/" not in n[len(prefix):])
-    for root in _resource_roots():
-        path = os.path.join(root, reldir)
-        if os.path.isdir(path):
-            return sorted(os.listdir(path))
-    return []
-
-
-def _vendored_site_packages(archive):
-    """Extract a pyz's _vendor/ once to a cache keyed by its content; returns the dir."""
-    import hashlib
-    import zipfile
-    with zipfile.ZipFile(archive) as z:
-        members = [i for i in z.infolist() if i.filename.startswith("_vendor/")]
-        if not members:
-            return None
-        digest = hashlib.sha256("".join(f"{i.filename}:{i.CRC}" for i in members).encode())
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao"
-        target = cache / f"vendor-{digest.hexdigest()[:16]}"
-        if not (target / ".complete").exists():
-            staging = Path(str(target) + f".{os.getpid()}.tmp")
-            z.extractall(staging, members)
-            try:
-                os.replace(staging / "_vendor", target)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)  # another process won the race
-            (target / ".complete").touch()
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def import_optional(module, purpose):
-    """Import a runtime dependency lazily, from site-packages or the pyz's vendored copy."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        pass
-    archive = _zip_archive()
-    vendor = _vendored_site_packages(archive) if archive else None
-    if vendor and str(vendor) not in sys.path:
-        sys.path.insert(0, str(vendor))
-        try:
-            return importlib.import_module(module)
-        except ImportError:
-            pass
-    raise ConfigError(f"{purpose} needs the Python package {module!r}; install it with "
-                      f"`pip install {module}` or use a cao.pyz built with --with-mcp")
-
-
-def self_command():
-    """argv that runs this very program (cao.py, cao.pyz or the installed module)."""
-    return [sys.executable, _zip_archive() or os.path.abspath(__file__)]
-
-
-###############################################################################
-# Profiles ####################################################################
-###############################################################################
+# -- the YAML subset of profile frontmatter ---------------------------------------
 
 # Profiles are Markdown with YAML frontmatter. Only the YAML that profiles use is
 # parsed: block maps and lists, flow lists and maps one level deep, quoted and
@@ -701,6 +456,266 @@ def parse_frontmatter(text, source="<string>"):
     return meta, "\n".join(lines[end + 1:])
 
 
+###############################################################################
+# Paths and config ############################################################
+###############################################################################
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 9889
+HOME_SUBDIRS = ("db", "logs", "logs/terminal", "agent-store", "agent-context", "skills", "terminals",
+                "flows", "fifos")
+# A user switching from upstream keeps the profiles installed there.
+UPSTREAM_HOME = Path("~/.aws/cli-agent-orchestrator").expanduser()
+
+
+def cao_home():
+    return Path(os.environ.get("CAO_HOME_DIR") or "~/.cao").expanduser()
+
+
+# -- file boundaries -----------------------------------------------------------
+# cao reads and writes only inside its own folders. A folder root itself may be
+# a symlink (a user's choice); a link *inside* it that leads out is refused, and
+# so is anything that is not a regular file (a FIFO would hang the reader).
+
+MAX_FILE = 1 << 20
+
+
+def within(path, root):
+    """True when path, with every symlink resolved, is root or lies below it."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _escape_error(path, root):
+    return ConfigError(f"{path} leads out of {root} through a symlink; cao does not follow "
+                       "links out of its folders: replace the link with a real file or folder")
+
+
+def refuse_escape(path, root):
+    if not within(path, root):
+        raise _escape_error(path, root)
+
+
+def _opened_path(fd):
+    """Where an open fd really is (Linux); None where the platform cannot say."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _open_inside(path, root, flags, mode=0o600):
+    refuse_escape(path, root)
+    try:
+        fd = os.open(os.path.realpath(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # swapped for a link after the check above
+            raise _escape_error(path, root)
+        raise
+    where = _opened_path(fd)
+    if where is not None and not within(where, root):
+        os.close(fd)
+        raise _escape_error(path, root)
+    return fd
+
+
+def read_inside(path, root, limit=MAX_FILE):
+    """Text of a regular file below root. FileNotFoundError passes through."""
+    try:
+        fd = _open_inside(path, root, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}; check the file and its permissions")
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is not a regular file; replace it with one")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path} is larger than {limit} bytes; cao reads files up to that size")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+
+
+def append_inside(path, root):
+    """A binary file below root opened for appending, created 0600 if missing."""
+    fd = _open_inside(path, root, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file; remove it")
+    return os.fdopen(fd, "ab", 0)
+
+
+def write_inside(path, root, data, mode=0o600):
+    """Replace a file below root atomically: a new file in the same folder, then a
+    rename over the old name (which replaces a planted link instead of following it)."""
+    path = Path(path)
+    folder_fd = _open_inside(path.parent, root, os.O_RDONLY | os.O_DIRECTORY)
+    tmp = f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode, dir_fd=folder_fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=folder_fd)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(folder_fd)
+
+
+def ensure_home():
+    home = cao_home()
+    if not home.is_dir():
+        home.mkdir(parents=True, mode=0o700)
+    for sub in HOME_SUBDIRS:
+        (home / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        refuse_escape(home / sub, home)
+    return home
+
+
+def api_address():
+    host = os.environ.get("CAO_API_HOST") or DEFAULT_HOST
+    port = os.environ.get("CAO_API_PORT") or str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"CAO_API_PORT={port!r} is not a port; set it to 1-65535")
+    return host, int(port)
+
+
+def load_settings():
+    """settings.json as a dict, read again only when the file changes."""
+    path = cao_home() / "settings.json"
+    try:
+        info = os.stat(path)
+        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+    except OSError:
+        identity = None
+    cached = _settings_cache.get(path)
+    if cached and cached[0] == identity:
+        return cached[1]
+    try:
+        settings = json.loads(read_inside(path, cao_home()))
+    except FileNotFoundError:
+        settings = {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file")
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    _settings_cache[path] = (identity, settings)
+    return settings
+
+
+def _zip_archive():
+    loader = globals().get("__loader__")
+    return loader.archive if isinstance(loader, zipimport.zipimporter) else None
+
+
+def open_log(name, text=False):
+    """A log file in CAO_HOME_DIR/logs, opened for appending."""
+    home = ensure_home()
+    log = append_inside(home / "logs" / name, home)
+    return io.TextIOWrapper(log, encoding="utf-8", errors="replace", write_through=True) \
+        if text else log
+
+
+def _resource_roots():
+    # A checkout or zipapp keeps data beside cao.py; a wheel puts it in cao_data/.
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [here, os.path.join(here, "cao_data")]
+
+
+def read_resource(relpath):
+    """Bytes of a packaged file (web_static/..., profiles/...), or None."""
+    archive = _zip_archive()
+    if archive:
+        import zipfile  # only a zipapp needs it
+    for root in _resource_roots():
+        if archive:
+            inner = os.path.relpath(os.path.join(root, relpath), archive)
+            try:
+                with zipfile.ZipFile(archive) as z:
+                    return z.read(inner.replace(os.sep, "/"))
+            except KeyError:
+                continue
+        path = os.path.join(root, relpath)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return f.read()
+    return None
+
+
+def list_resources(reldir):
+    archive = _zip_archive()
+    if archive:
+        import zipfile
+        with zipfile.ZipFile(archive) as z:
+            prefix = reldir.rstrip("/") + "/"
+            return sorted(n[len(prefix):] for n in z.namelist()
+                          if n.startswith(prefix) and "/" not in n[len(prefix):])
+    for root in _resource_roots():
+        path = os.path.join(root, reldir)
+        if os.path.isdir(path):
+            return sorted(os.listdir(path))
+    return []
+
+
+def _vendored_site_packages(archive):
+    """Extract a pyz's _vendor/ once to a cache keyed by its content; returns the dir."""
+    import hashlib
+    import zipfile
+    with zipfile.ZipFile(archive) as z:
+        members = [i for i in z.infolist() if i.filename.startswith("_vendor/")]
+        if not members:
+            return None
+        digest = hashlib.sha256("".join(f"{i.filename}:{i.CRC}" for i in members).encode())
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao"
+        target = cache / f"vendor-{digest.hexdigest()[:16]}"
+        if not (target / ".complete").exists():
+            staging = Path(str(target) + f".{os.getpid()}.tmp")
+            z.extractall(staging, members)
+            try:
+                os.replace(staging / "_vendor", target)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)  # another process won the race
+            (target / ".complete").touch()
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def import_optional(module, purpose):
+    """Import a runtime dependency lazily, from site-packages or the pyz's vendored copy."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pass
+    archive = _zip_archive()
+    vendor = _vendored_site_packages(archive) if archive else None
+    if vendor and str(vendor) not in sys.path:
+        sys.path.insert(0, str(vendor))
+        try:
+            return importlib.import_module(module)
+        except ImportError:
+            pass
+    raise ConfigError(f"{purpose} needs the Python package {module!r}; install it with "
+                      f"`pip install {module}` or use a cao.pyz built with --with-mcp")
+
+
+def self_command():
+    """argv that runs this very program (cao.py, cao.pyz or the installed module)."""
+    return [sys.executable, _zip_archive() or os.path.abspath(__file__)]
+
+
+###############################################################################
+# Profiles ####################################################################
+###############################################################################
+
 def _env_file_values():
     values = {}
     try:
@@ -730,11 +745,6 @@ def profile_dirs():
     extra = load_settings().get("agents", {}).get("extra_dirs", [])
     dirs += [(Path(d).expanduser(),) * 2 for d in extra if isinstance(d, str)]
     return dirs
-
-
-def _check_profile_name(name):
-    if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
-        raise CaoError(f"invalid agent profile name {name!r}; use 1-64 letters, digits, '_' or '-'")
 
 
 def _find_profile(name):
@@ -878,6 +888,28 @@ def install_profile(source):
 DONE_STATUSES = ("completed", "idle", "waiting_user_answer", "error")
 
 
+class Progress:
+    """A one-line spinner on stderr while waiting, shown only on a terminal."""
+
+    def __init__(self, label, shown=True):
+        self.label, self.started = label, time.monotonic()
+        self.tty = shown and sys.stderr.isatty()
+        self.frame = 0
+
+    def update(self, status):
+        if self.tty:
+            self.frame += 1
+            spinner = "|/-\\"[self.frame % 4]
+            sys.stderr.write(f"\r{spinner} {self.label}: {status} "
+                             f"({time.monotonic() - self.started:.0f}s)\x1b[K")
+            sys.stderr.flush()
+
+    def done(self):
+        if self.tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
 class Client:
     """cao-server's REST API at CAO_API_HOST:CAO_API_PORT."""
 
@@ -992,28 +1024,6 @@ class Client:
                 cursor = self.events(cursor, min(remaining, 2.0 if progress.tty else 20.0))["next"]
         finally:
             progress.done()
-
-
-class Progress:
-    """A one-line spinner on stderr while waiting, shown only on a terminal."""
-
-    def __init__(self, label, shown=True):
-        self.label, self.started = label, time.monotonic()
-        self.tty = shown and sys.stderr.isatty()
-        self.frame = 0
-
-    def update(self, status):
-        if self.tty:
-            self.frame += 1
-            spinner = "|/-\\"[self.frame % 4]
-            sys.stderr.write(f"\r{spinner} {self.label}: {status} "
-                             f"({time.monotonic() - self.started:.0f}s)\x1b[K")
-            sys.stderr.flush()
-
-    def done(self):
-        if self.tty:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
 
 
 ###############################################################################
@@ -1290,44 +1300,9 @@ def tmux_pipe(pane, fifo):
 # A provider is data: how to launch its CLI from a profile, how its screen looks
 # in each state, where its last answer is, how to get past its first-run dialogs
 # and how to make it exit. The logic that uses these fields lives once, here and
-# in the terminals section. Users add or override entries under "providers" in
-# settings.json with the same fields.
-#
-#   command   argv template (see Templates below)
-#   binary    executable that must be on PATH (default: command[0]); install:
-#             the command that installs it
-#   args      {feature: [argv templates]}, appended when the feature is on:
-#             always, system_prompt, model, yolo (allowed tools "*"),
-#             restricted (an explicit allowed-tools list)
-#   env       {NAME: template}; {"when": feature, "value": template} sets it
-#             only when the feature is on
-#   files     {name: template} written into the terminal's own directory
-#             ({context_dir}) before the CLI starts; "when" works as in env
-#   tools     {cao tool name: [the CLI's own names]} for execute_bash, fs_read,
-#             fs_write, fs_list and web_fetch; without it restrictions are soft
-#             (the system prompt lists the allowed tools)
-#   status    ordered [status, regex] pairs tried on the last tail_lines
-#             non-empty screen lines (re.M); the first match wins
-#   answer    start/end regexes: the answer is the text after the last `start`
-#             line that has an `end` line below it, up to that `end` line;
-#             keep_start: the start line is the answer's first line (its
-#             marker and the hanging indent of the next lines are removed);
-#             trim: a regex cut out of every answer line
-#   dialogs   [regex, [keys]]: first-run questions (trust this folder, use this
-#             key) answered with tmux keys whenever the screen shows them
-#   exit      {"keys": [tmux key names]} or {"text": "/exit"}
-#   submit    {"enter_delay": seconds between paste and Enter}
-#   turn_start_grace  seconds after a submit in which an idle or completed screen
-#             is taken for the previous turn until the new turn shows
-#   settle    seconds a new completed screen's answer must stay unchanged before
-#             completed is reported (for a CLI that finishes drawing late)
-#   input_lines  how many bottom screen lines hold the input box; text still
-#             there after Enter was not taken, and Enter is pressed again
-#   mcp_server_keys  extra keys for cao's own server inside {mcp_servers}, such
-#             as the CLI's per-server tool-call timeout (a handoff blocks)
-#   eager_input  true if the CLI safely queues input typed while it works; then,
-#             with CAO_EAGER_INBOX_DELIVERY=true, inbox messages need not wait
-#             for idle
+# in the terminals section; the table itself is at the end of this file. Users
+# add or override entries under "providers" in settings.json with the same
+# fields (PROVIDER_FIELDS below).
 #
 # Templates are strings with {field}s: profile, terminal_id, system_prompt,
 # model, working_directory, context_dir, mcp_command, hook_command (strings);
@@ -1352,343 +1327,6 @@ ROLE_TOOLS = {"supervisor": ["@cao-mcp-server", "fs_read", "fs_list"],
               "reviewer": ["@builtin", "fs_read", "fs_list", "@cao-mcp-server"],
               "developer": ["@builtin", "fs_*", "execute_bash", "web_fetch", "@cao-mcp-server"]}
 _TEMPLATE_FIELD = re.compile(r"\{([a-z_]+)\}")
-_ENTER = ["Enter"]
-# "(esc to cancel, 3s)" (Gemini); "(2s · esc to cancel)", "(1s · ↓ 13 tokens · esc to cancel)" (Qwen)
-_SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · (.* · )?esc to cancel)\)"
-_RULE = r"^\s*[─━]{20,}"
-# Gemini CLI / Qwen Code: an answer (✦) with no past prompt line below it, only the
-# input box ("> " or, in yolo mode, "* "; it may hold typed text), and that box drawn
-# (not the previous turn's answer, not a half-redrawn screen).
-_LAST_SPARKLE_ANSWER = (r"^\s*✦ (?![\s\S]*^\s*> [\s\S]*^\s*[>*] )"
-                        r"[\s\S]*(Type your message|\? for shortcuts)")
-# The system settings cao points Gemini CLI and Qwen Code at; they win over the user's own.
-_NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
-# The last bullet is an answer with no bullet or prompt below it, and its input box
-# is drawn (kimi redraws the whole screen at the end of a turn, top to bottom).
-# Kiro's / Q's legacy prompt: "> ", "[developer] > ", "[developer] 3% λ > ", "!> "
-_KIRO_PROMPT = r"^(?:\[[\w.-]+\] ?)?(?:\d+% ?)?(?:λ ?)?!?> ?$"
-_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^(?:• |✨ ))[\s\S]*── input ──"
-
-PROVIDERS = {
-    "demo": {
-        "description": "built-in demo agent: answers 'done: <first line>' after CAO_DEMO_DELAY s",
-        "command": ["{cao}", "demo-agent", "--profile", "{profile}"],
-        "status": [
-            ["processing", r"working\.\.\.\Z"],
-            ["completed", r"^done: .*\n>( .*)?\Z"],
-            ["idle", r"^>( .*)?\Z"],
-        ],
-        "tail_lines": 5,
-        "answer": {"start": r"^> \S", "end": r"^>( .*)?$"},
-        "exit": {"keys": ["C-d"]},
-    },
-    "claude_code": {
-        "input_lines": 3,
-        "description": "Claude Code (Anthropic)",
-        "command": ["claude"],
-        "install": "npm install -g @anthropic-ai/claude-code",
-        "args": {
-            "always": [
-                "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
-                "--allowedTools", "mcp__" + CAO_MCP_NAME,
-                # async: Claude would otherwise hold the prompt and the turn's end until
-                # the hook process exits (+110 to 150 ms each, measured in bench_providers).
-                "--settings", {"json": {"skipDangerousModePermissionPrompt": True, "hooks": {
-                    "UserPromptSubmit": [{"hooks": [{"type": "command", "async": True,
-                                                     "command": "{hook_command} processing"}]}],
-                    "Stop": [{"hooks": [{"type": "command", "async": True,
-                                         "command": "{hook_command} completed"}]}],
-                    "Notification": [{"matcher": "permission_prompt", "hooks": [{
-                        "type": "command", "async": True,
-                        "command": "{hook_command} waiting_user_answer"}]}]}}}],
-            "system_prompt": ["--append-system-prompt", "{system_prompt}"],
-            "model": ["--model", "{model}"],
-            "yolo": ["--dangerously-skip-permissions"],
-            "restricted": ["--disallowedTools={disallowed_tools}"],
-        },
-        # Root may use --dangerously-skip-permissions only inside a declared sandbox.
-        "env": {"IS_SANDBOX": {"when": "yolo", "value": "1"}, "MCP_TOOL_TIMEOUT": "86400000",
-                "DISABLE_AUTOUPDATER": "1"},
-        "tools": {"execute_bash": ["Bash", "BashOutput", "KillShell", "Task", "Agent", "Monitor"],
-                  "fs_read": ["Read"], "fs_write": ["Edit", "Write", "NotebookEdit"],
-                  "fs_list": ["Glob", "Grep"], "web_fetch": ["WebFetch", "WebSearch"]},
-        "status": [
-            ["waiting_user_answer", r"^\s*Do you want to (proceed|make this edit|create|allow|use)"
-                                    r"|^\s*❯ 1\. Yes"],
-            # While it streams a long answer the spinner reads "✽ Forming… (1s · ↓ 63
-            # tokens)", without "esc to interrupt".
-            ["processing", r"esc to interrupt|^[✻✢✳✶✽·*] \S+… \("],
-            # Its done line is below its answer; the previous turn's is above.
-            ["completed", r"^[✻✢✳✶✽·*] \S+ for \d(?![\s\S]*^● )"],
-            # (a ❯ with an answer below it is a past prompt on a half-redrawn screen)
-            ["idle", r"^❯(?![\s\S]*^● )|\? for shortcuts|bypass permissions on"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        "answer": {"start": r"^● ", "keep_start": True,
-                   "end": r"^[✻✢✳✶✽·*] \S+ for \d|" + _RULE[1:] + r"|^❯"},
-        "dialogs": [[r"Yes, I trust this folder", _ENTER],
-                    [r"Do you want to use this API key\?", ["Up", "Enter"]],
-                    [r"Yes, I accept", ["Down", "Enter"]]],
-        "exit": {"text": "/exit"},
-    },
-    "codex": {
-        "input_lines": 3,
-        "description": "Codex CLI (OpenAI)",
-        # --no-daemon: otherwise Codex leaves an app-server daemon running after it exits.
-        "command": ["codex", "--no-daemon"],
-        "install": "npm install -g @openai/codex",
-        "args": {
-            "always": [
-                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.command=", "toml": "{mcp_command}"},
-                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.args=", "toml": "{mcp_args}"},
-                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.env=", "toml": "{mcp_env}"},
-                "-c", f"mcp_servers.{CAO_MCP_NAME}.tool_timeout_sec=86400",
-                "-c", f'mcp_servers.{CAO_MCP_NAME}.default_tools_approval_mode="approve"',
-                "-c", {"prefix": "notify=", "toml": ["{hook}", "completed"]},
-                "-c", "check_for_update_on_startup=false"],
-            "system_prompt": ["-c", {"prefix": "developer_instructions=", "toml": "{system_prompt}"}],
-            "model": ["--model", "{model}"],
-            "yolo": ["--dangerously-bypass-approvals-and-sandbox"],
-        },
-        "status": [
-            ["waiting_user_answer", r"^\s*(Allow .* to run tool|Would you like to run)"
-                                    r"|enter to submit \| esc to cancel|^\s*› 1\. (Allow|Yes)"],
-            # An answer still streaming has no "Worked for" line below it yet (and
-            # Codex then hides its "esc to interrupt" line); the last turn's is above.
-            ["processing", r"esc to interrupt\)|^• (?![\s\S]*^\s*(─ )?Worked for [<\d])"],
-            ["completed", r"^\s*(─ )?Worked for [<\d](?![\s\S]*^• )"],
-            ["idle", r"\? for shortcuts"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        "answer": {"start": r"^• ", "keep_start": True, "end": r"^\s*(─ )?Worked for [<\d]|^› "},
-        "dialogs": [[r"Trust this folder\?|1\. Trust and continue", _ENTER]],
-        "exit": {"keys": ["C-c"]},
-    },
-    "gemini_cli": {
-        "input_lines": 5,
-        "description": "Gemini CLI (Google)",
-        "command": ["gemini"],
-        "install": "npm install -g @google/gemini-cli",
-        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
-        # An untrusted folder runs without MCP servers; cao starts agents only in
-        # folders its user named, so it trusts them as a person would at the prompt.
-        # Gemini (and ink's is-in-ci) start headless and exit when CI or
-        # GITHUB_ACTIONS says "true", but an agent in a tmux window is interactive.
-        "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": "false", "GITHUB_ACTIONS": "false",
-                "GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
-                "GEMINI_SYSTEM_MD": {"when": "system_prompt", "value": "{context_dir}/system.md"}},
-        "files": {
-            "settings.json": {"json": {"mcpServers": {CAO_MCP_NAME: {
-                "command": "{mcp_command}", "args": "{mcp_args}", "env": "{mcp_env}",
-                "timeout": 86400000, "trust": True}},
-                "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}},
-            "system.md": {"when": "system_prompt", "value": "{system_prompt}"},
-        },
-        "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file", "read_many_files"],
-                  "fs_write": ["write_file", "replace"],
-                  "fs_list": ["list_directory", "glob", "search_file_content"],
-                  "web_fetch": ["web_fetch", "google_web_search"]},
-        "status": [
-            ["waiting_user_answer", r"Action Required|^\W*● 1\. Allow"],
-            ["processing", _SPINNER_TIMER],
-            ["completed", _LAST_SPARKLE_ANSWER],
-            ["idle", r"Type your message"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        "answer": {"start": r"^\s*✦ ", "keep_start": True,
-                   "end": _RULE + r"|^\s*> |\? for shortcuts"},
-        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
-        "exit": {"text": "/quit"},
-    },
-}
-PROVIDERS["qwen_code"] = {
-    **PROVIDERS["gemini_cli"],
-    "input_lines": 4,
-    "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
-    "command": ["qwen"],
-    "install": "npm install -g @qwen-code/qwen-code",
-    "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
-             "system_prompt": ["--append-system-prompt", "{system_prompt}"],
-             "model": ["--model", "{model}"], "yolo": ["--yolo"],
-             "restricted": ["--exclude-tools", "{disallowed_tools}"]},
-    # Without this, a first start from a fresh HOME runs `npm install -g` of the latest qwen.
-    "env": {"QWEN_CODE_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json"},
-    "files": {"settings.json": {"json": {"general": _NO_SELF_UPDATE}}},
-    "mcp_server_keys": {"timeout": 86400000},  # ms; the default 10 min would cut a handoff
-    "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
-              "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],
-              "web_fetch": ["web_fetch"]},
-    "status": [
-        ["waiting_user_answer", r"Waiting for user confirmation|^\W*› 1\. Yes"],
-        ["processing", _SPINNER_TIMER],
-        ["completed", _LAST_SPARKLE_ANSWER],
-        ["idle", r"Type your message|\? for shortcuts"],
-    ],
-}
-PROVIDERS.update({
-    "opencode_cli": {
-        "input_lines": 5,
-        "description": "opencode (sst)",
-        "command": ["opencode"],
-        "install": "npm install -g opencode-ai",
-        "args": {"model": ["--model", "{model}"]},
-        "env": {"OPENCODE_CONFIG_CONTENT": {"json": {
-                    "mcp": {CAO_MCP_NAME: {"type": "local", "command": "{mcp_argv}",
-                                           "environment": "{mcp_env}", "timeout": 86400000}},
-                    "instructions": ["{context_dir}/system.md"]}},
-                "OPENCODE_PERMISSION": {"when": "yolo", "value": '"allow"'},
-                "OPENCODE_DISABLE_AUTOUPDATE": "1"},
-        "files": {"system.md": "{system_prompt}"},
-        "status": [
-            ["waiting_user_answer", r"Permission required|Allow once\s+Allow always"],
-            ["processing", r"esc interrupt"],
-            ["completed", r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$"],
-            ["idle", r"ctrl\+p commands|tab agents"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        # The sidebar shares the answer's lines, far to the right.
-        # skip_open: its input box below the last answer looks like a prompt box.
-        "answer": {"start": r"^\s*(┃|⚙ )", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$",
-                   "trim": r"\s{8,}\S.*$", "skip_open": True},
-        "exit": {"keys": ["C-c"]},
-    },
-    "copilot_cli": {
-        "input_lines": 3,
-        "description": "GitHub Copilot CLI",
-        "command": ["copilot", "--no-auto-update"],
-        "install": "npm install -g @github/copilot",
-        "args": {"always": ["--additional-mcp-config", {"json": {"mcpServers": {CAO_MCP_NAME: {
-                                "type": "local", "command": "{mcp_command}", "args": "{mcp_args}",
-                                "env": "{mcp_env}", "tools": ["*"],
-                                "timeout": 86400000}}}},  # ms; the default 180 s would cut a handoff
-                            "--allow-tool", CAO_MCP_NAME],
-                 "model": ["--model", "{model}"], "yolo": ["--allow-all"],
-                 # --excluded-tools hides them from the model; --deny-tool only refuses a call.
-                 "restricted": ["--excluded-tools", "{disallowed_tools}"]},
-        "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
-        # Copilot reads *.instructions.md (not copilot-instructions.md) from these dirs.
-        "files": {"cao-profile.instructions.md": {"when": "system_prompt",
-                                                  "value": "{system_prompt}"}},
-        "tools": {"execute_bash": ["bash", "read_bash", "write_bash", "stop_bash", "list_bash"],
-                  "fs_read": ["view"], "fs_write": ["apply_patch", "edit", "create"],
-                  "fs_list": ["glob", "rg"], "web_fetch": ["web_fetch"]},
-        "status": [
-            ["waiting_user_answer", r"Do you want to (use this tool|run this command|allow)"
-                                    r"|↑/↓ to navigate"],
-            ["processing", r"^\s*[○●◉◎] Working|esc esc (edit prompt|interrupt)"],
-            ["completed", r"^ ❯ \S.*\n(?:.*\n)*? ● (?!Tip:|No copilot-instructions|MCP Servers)"],
-            ["idle", r"open sidebar|^❯"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        "settle": 0.15,  # it clears the busy footer a frame before the answer's last words
-        "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
-                   "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
-        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
-        "exit": {"text": "/exit"},
-    },
-    "kimi_cli": {
-        "input_lines": 3,
-        "description": "Kimi CLI (Moonshot; the Python kimi-cli 1.51)",
-        "command": ["kimi", "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
-        "install": "pip install kimi-cli==1.51.0  (Python >= 3.12)",
-        "args": {"system_prompt": ["--agent-file", "{context_dir}/agent.yaml"],
-                 "model": ["--model", "{model}"], "yolo": ["--yolo"]},
-        "env": {"KIMI_CLI_NO_AUTO_UPDATE": "1"},
-        "files": {"agent.yaml": {"when": "system_prompt", "value": {"json": {
-            "version": 1, "agent": {"extend": "default",
-                                    "system_prompt_args": {"ROLE_ADDITIONAL": "{system_prompt}"}}}}}},
-        "status": [
-            ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
-            # A spinner ("⠋ Using …", "⠋ Composing… <1s · 3 tokens"; the start-up
-            # "⠏ MCP Servers: …" line stays drawn), or a prompt or tool line with
-            # nothing below it yet: the turn goes on between spinner frames.
-            ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] (?!MCP Servers:)"
-                           r"|^(?:✨ |• Used \w+ \()(?![\s\S]*^(?:• |✨ ))"],
-            # Done when the last bullet is an answer: not a tool line ("• Used Shell (…)",
-            # shown with no spinner before the model is asked again), and not the
-            # start-up MCP list ("• cao-mcp-server (connecting)"), so either below a
-            # prompt line or once that list has scrolled away.
-            ["completed", r"^✨ .*\n(?:.*\n)*?" + _KIMI_LAST_ANSWER
-                          + r"|\A(?![\s\S]*MCP Servers:)[\s\S]*?" + _KIMI_LAST_ANSWER],
-            ["idle", r"── input ──"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        "answer": {"start": r"^• (?!Used \w+ \()", "keep_start": True, "end": r"── input ──|^✨ "},
-        "exit": {"text": "/exit"},
-    },
-    "hermes": {
-        "input_lines": 3,
-        "description": "Hermes Agent (Nous Research)",
-        "command": ["hermes"],
-        "install": "pip install 'hermes-agent[mcp]'  (Python >= 3.12)",
-        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
-        "env": {"HERMES_EPHEMERAL_SYSTEM_PROMPT": {"when": "system_prompt", "value": "{system_prompt}"}},
-        "status": [
-            # A dangerous-command approval times out by itself after 60 s.
-            ["waiting_user_answer", r"Dangerous Command|↑/↓ to select, Enter to confirm|^⚠ ❯"],
-            ["processing", r"⏱ \d|msg=interrupt"],
-            ["completed", r"│ ✓ \d+m?s\b"],
-            ["idle", r"^❯|⏲"],
-        ],
-        "tail_lines": 60,
-        "turn_start_grace": 3.0,
-        "answer": {"start": r"^╭─ ⚕ ", "end": r"^╰─"},
-        "exit": {"text": "/exit"},
-    },
-    # Below: CLIs that no package registry here carries, so they are written from
-    # their documented screens and not run in CI; docs/providers marks them experimental.
-    "kiro_cli": {
-        "description": "Kiro CLI (AWS) - experimental",
-        "command": ["kiro-cli", "chat", "--trust-all-tools"],
-        "install": "see https://kiro.dev/docs/cli",
-        "args": {"model": ["--model", "{model}"]},
-        "status": [
-            ["waiting_user_answer", r"Allow this action\?|\[y/n/t\]|❯\s*No, exit"],
-            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking|Kiro is working|esc to cancel"],
-            ["completed", r"^> \S[\s\S]*\n" + _KIRO_PROMPT],
-            ["idle", r"[Aa]sk a question,? or describe a task|" + _KIRO_PROMPT],
-        ],
-        "tail_lines": 40,
-        "answer": {"start": r"^> (?=\S)", "keep_start": True, "end": _KIRO_PROMPT},
-        "dialogs": [[r"Kiro is running in trust all tools mode", ["Down", "Enter"]]],
-        "exit": {"text": "/quit"},
-    },
-    "cursor_cli": {
-        "description": "Cursor CLI (cursor-agent) - experimental",
-        "command": ["cursor-agent"],
-        "install": "curl https://cursor.com/install -fsS | bash",
-        "args": {"model": ["--model", "{model}"], "yolo": ["--force"]},
-        "status": [
-            ["waiting_user_answer", r"(?i)do you want to (allow|run)|approve this action|\[\s*y\s*/\s*n\s*\]"
-                                    r"|↑/↓ to navigate|do you trust (the )?files? in this folder"],
-            ["processing", r"ctrl\+c to stop|[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✶✢✽✻✳·].*…"],
-            ["completed", r"Add a follow-up"],
-            ["idle", r"Plan, search, build anything|^\s*[❯>]\s"],
-        ],
-        "tail_lines": 40,
-        "answer": {"start": _RULE, "end": _RULE},
-        "exit": {"text": "/exit"},
-    },
-})
-# Amazon Q Developer CLI is Kiro CLI's predecessor and draws the same chat screen.
-PROVIDERS["q_cli"] = {
-    **PROVIDERS["kiro_cli"],
-    "description": "Amazon Q Developer CLI - experimental",
-    "command": ["q", "chat", "--trust-all-tools"],
-    "install": "see https://docs.aws.amazon.com/amazonq/latest/qdeveloper-ug/command-line.html",
-    "dialogs": [],
-}
-_PROVIDER_KEYS = {"description", "command", "binary", "install", "args", "env", "files", "tools",
-                  "status", "tail_lines", "answer", "dialogs", "exit", "submit", "eager_input",
-                  "input_lines", "turn_start_grace", "mcp_server_keys", "settle"}
-
-
 def _template_strings(value):
     if isinstance(value, str):
         yield value
@@ -1700,44 +1338,109 @@ def _template_strings(value):
             yield from _template_strings(item)
 
 
-def _check_provider(name, spec, origin):
-    def bad(why):
-        raise ConfigError(f"{origin}: provider {name!r}: {why}")
+# -- the field schema ------------------------------------------------------------
+# Each field of a provider entry: a check that returns what is wrong with a value
+# (or None) and what the field means. _check_provider validates every entry,
+# built in or from settings.json, with it; a test keeps docs/providers.md in step.
 
-    def check_regex(pattern, what):
-        try:
-            re.compile(pattern, re.M)
-        except (re.error, TypeError) as e:
-            bad(f"{what} {pattern!r}: {e}")
-    unknown = set(spec) - _PROVIDER_KEYS
-    if unknown:
-        bad(f"unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_PROVIDER_KEYS))}")
-    cmd = spec.get("command")
-    if not (isinstance(cmd, list) and cmd):
-        bad('"command" must be a non-empty list')
-    args = spec.get("args", {})
-    if not isinstance(args, dict) or set(args) - set(FEATURES):
-        bad(f'"args" must map features ({", ".join(FEATURES)}) to argv lists')
-    for template in _template_strings([cmd, args, spec.get("env", {}), spec.get("files", {})]):
+def _problem_regex(pattern):
+    try:
+        re.compile(pattern, re.M)
+    except (re.error, TypeError) as e:
+        return f"bad regex {pattern!r}: {e}"
+    return None
+
+
+def _problem_templates(value):
+    for template in _template_strings(value):
         names = set(_TEMPLATE_FIELD.findall(template)) - set(LAUNCH_FIELDS)
         if names:
-            bad(f"template {template!r} uses {', '.join(sorted(names))}; "
-                f"known fields: {', '.join(LAUNCH_FIELDS)}")
-    for status, pattern in spec.get("status", []):
+            return (f"template {template!r} uses {', '.join(sorted(names))}; "
+                    f"known fields: {', '.join(LAUNCH_FIELDS)}")
+    return None
+
+
+def _is(kind, what):
+    return lambda value: None if isinstance(value, kind) else f"must be {what}"
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return f"must be a number >= 0, not {value!r}"
+    return None
+
+
+def _argv(value):
+    if not (isinstance(value, list) and value):
+        return "must be a non-empty list"
+    return _problem_templates(value)
+
+
+def _feature_argv(value):
+    if not isinstance(value, dict) or set(value) - set(FEATURES):
+        return f"must map features ({', '.join(FEATURES)}) to argv lists"
+    return _problem_templates(value)
+
+
+def _templates_by_name(value):
+    return _problem_templates(value) if isinstance(value, dict) else "must be an object"
+
+
+def _status_patterns(value):
+    for status, pattern in value:
         if status not in STATUSES:
-            bad(f"status {status!r} is not one of {', '.join(STATUSES)}")
-        check_regex(pattern, "status pattern")
-    for key in ("start", "end", "trim"):
-        if key in spec.get("answer", {}):
-            check_regex(spec["answer"][key], f"answer.{key}")
-    for pattern, keys in spec.get("dialogs", []):
-        check_regex(pattern, "dialog pattern")
-    for key in ("settle", "turn_start_grace", "tail_lines", "input_lines"):
-        value = spec.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            bad(f'"{key}" must be a number >= 0, not {value!r}')
-    if not isinstance(spec.get("mcp_server_keys", {}), dict):
-        bad('"mcp_server_keys" must be an object, e.g. {"timeout": 86400000}')
+            return f"status {status!r} is not one of {', '.join(STATUSES)}"
+        if _problem_regex(pattern):
+            return _problem_regex(pattern)
+    return None
+
+
+def _answer_rules(value):
+    if not isinstance(value, dict) or not {"start", "end"} <= set(value):
+        return 'must be an object with "start" and "end" regexes'
+    return next(filter(None, (_problem_regex(value[k]) for k in ("start", "end", "trim")
+                              if k in value)), None)
+
+
+def _dialogs(value):
+    return next(filter(None, (_problem_regex(pattern) for pattern, _ in value)), None)
+
+
+PROVIDER_FIELDS = {
+    "description": (_is(str, "a string"), "free text for listings"),
+    "command": (_argv, "argv template list; the first word is the CLI"),
+    "binary": (_is(str, "a string"), "executable that must be on PATH (default: command[0])"),
+    "install": (_is(str, "a string"), "the install command shown when the binary is missing"),
+    "args": (_feature_argv, "{feature: [argv templates]} appended when the feature is on"),
+    "env": (_templates_by_name, "{NAME: template} for the CLI; {when, value} per feature"),
+    "files": (_templates_by_name, "{name: template} written into the terminal's own directory"),
+    "tools": (_is(dict, "an object"), "{cao tool: [the CLI's own names]} for native restrictions"),
+    "status": (_status_patterns, "ordered [status, regex] pairs; the first match wins"),
+    "tail_lines": (_number, "how many non-empty screen lines the patterns see"),
+    "answer": (_answer_rules, "start/end regexes (keep_start, trim, skip_open) of the answer"),
+    "dialogs": (_dialogs, "[regex, [keys]] first-run questions answered with tmux keys"),
+    "exit": (_is(dict, 'an object: {"keys": [...]} or {"text": "/exit"}'), "how to make it exit"),
+    "submit": (_is(dict, 'an object: {"enter_delay": seconds}'), "seconds between paste and Enter"),
+    "input_lines": (_number, "bottom lines that hold the input box (text left there gets an Enter)"),
+    "settle": (_number, "seconds a new completed answer must stay unchanged"),
+    "turn_start_grace": (_number, "seconds after a submit in which idle/completed is the old turn"),
+    "mcp_server_keys": (_is(dict, 'an object, e.g. {"timeout": 86400000}'),
+                        "extra keys for cao's own entry in {mcp_servers}"),
+    "eager_input": (_is(bool, "true or false"), "the CLI queues input typed while it works"),
+}
+
+
+def _check_provider(name, spec, origin):
+    unknown = set(spec) - set(PROVIDER_FIELDS)
+    if unknown:
+        raise ConfigError(f"{origin}: provider {name!r}: unknown field(s) "
+                          f"{', '.join(sorted(unknown))}; allowed: {', '.join(PROVIDER_FIELDS)}")
+    if "command" not in spec:
+        raise ConfigError(f'{origin}: provider {name!r}: "command" must be a non-empty list')
+    for field, value in spec.items():
+        problem = PROVIDER_FIELDS[field][0](value)
+        if problem:
+            raise ConfigError(f'{origin}: provider {name!r}: "{field}" {problem}')
     return spec
 
 
@@ -4357,6 +4060,347 @@ def mcp_main():
 
 def cli_main():
     sys.exit(main())
+
+
+###############################################################################
+# Provider table ##############################################################
+###############################################################################
+
+# Data, last: one entry per CLI. The fields are PROVIDER_FIELDS; the code that
+# reads them is in the providers and terminals sections.
+
+_ENTER = ["Enter"]
+# "(esc to cancel, 3s)" (Gemini); "(2s · esc to cancel)", "(1s · ↓ 13 tokens · esc to cancel)" (Qwen)
+_SPINNER_TIMER = r"\((esc to cancel, \d+m? ?\d*s|\d+m? ?\d*s · (.* · )?esc to cancel)\)"
+_RULE = r"^\s*[─━]{20,}"
+# Gemini CLI / Qwen Code: an answer (✦) with no past prompt line below it, only the
+# input box ("> " or, in yolo mode, "* "; it may hold typed text), and that box drawn
+# (not the previous turn's answer, not a half-redrawn screen).
+_LAST_SPARKLE_ANSWER = (r"^\s*✦ (?![\s\S]*^\s*> [\s\S]*^\s*[>*] )"
+                        r"[\s\S]*(Type your message|\? for shortcuts)")
+# The system settings cao points Gemini CLI and Qwen Code at; they win over the user's own.
+_NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": False}
+# The last bullet is an answer with no bullet or prompt below it, and its input box
+# is drawn (kimi redraws the whole screen at the end of a turn, top to bottom).
+# Kiro's / Q's legacy prompt: "> ", "[developer] > ", "[developer] 3% λ > ", "!> "
+_KIRO_PROMPT = r"^(?:\[[\w.-]+\] ?)?(?:\d+% ?)?(?:λ ?)?!?> ?$"
+_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^(?:• |✨ ))[\s\S]*── input ──"
+
+PROVIDERS = {
+    "demo": {
+        "description": "built-in demo agent: answers 'done: <first line>' after CAO_DEMO_DELAY s",
+        "command": ["{cao}", "demo-agent", "--profile", "{profile}"],
+        "status": [
+            ["processing", r"working\.\.\.\Z"],
+            ["completed", r"^done: .*\n>( .*)?\Z"],
+            ["idle", r"^>( .*)?\Z"],
+        ],
+        "tail_lines": 5,
+        "answer": {"start": r"^> \S", "end": r"^>( .*)?$"},
+        "exit": {"keys": ["C-d"]},
+    },
+    "claude_code": {
+        "input_lines": 3,
+        "description": "Claude Code (Anthropic)",
+        "command": ["claude"],
+        "install": "npm install -g @anthropic-ai/claude-code",
+        "args": {
+            "always": [
+                "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
+                "--allowedTools", "mcp__" + CAO_MCP_NAME,
+                # async: Claude would otherwise hold the prompt and the turn's end until
+                # the hook process exits (+110 to 150 ms each, measured in bench_providers).
+                "--settings", {"json": {"skipDangerousModePermissionPrompt": True, "hooks": {
+                    "UserPromptSubmit": [{"hooks": [{"type": "command", "async": True,
+                                                     "command": "{hook_command} processing"}]}],
+                    "Stop": [{"hooks": [{"type": "command", "async": True,
+                                         "command": "{hook_command} completed"}]}],
+                    "Notification": [{"matcher": "permission_prompt", "hooks": [{
+                        "type": "command", "async": True,
+                        "command": "{hook_command} waiting_user_answer"}]}]}}}],
+            "system_prompt": ["--append-system-prompt", "{system_prompt}"],
+            "model": ["--model", "{model}"],
+            "yolo": ["--dangerously-skip-permissions"],
+            "restricted": ["--disallowedTools={disallowed_tools}"],
+        },
+        # Root may use --dangerously-skip-permissions only inside a declared sandbox.
+        "env": {"IS_SANDBOX": {"when": "yolo", "value": "1"}, "MCP_TOOL_TIMEOUT": "86400000",
+                "DISABLE_AUTOUPDATER": "1"},
+        "tools": {"execute_bash": ["Bash", "BashOutput", "KillShell", "Task", "Agent", "Monitor"],
+                  "fs_read": ["Read"], "fs_write": ["Edit", "Write", "NotebookEdit"],
+                  "fs_list": ["Glob", "Grep"], "web_fetch": ["WebFetch", "WebSearch"]},
+        "status": [
+            ["waiting_user_answer", r"^\s*Do you want to (proceed|make this edit|create|allow|use)"
+                                    r"|^\s*❯ 1\. Yes"],
+            # While it streams a long answer the spinner reads "✽ Forming… (1s · ↓ 63
+            # tokens)", without "esc to interrupt".
+            ["processing", r"esc to interrupt|^[✻✢✳✶✽·*] \S+… \("],
+            # Its done line is below its answer; the previous turn's is above.
+            ["completed", r"^[✻✢✳✶✽·*] \S+ for \d(?![\s\S]*^● )"],
+            # (a ❯ with an answer below it is a past prompt on a half-redrawn screen)
+            ["idle", r"^❯(?![\s\S]*^● )|\? for shortcuts|bypass permissions on"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        "answer": {"start": r"^● ", "keep_start": True,
+                   "end": r"^[✻✢✳✶✽·*] \S+ for \d|" + _RULE[1:] + r"|^❯"},
+        "dialogs": [[r"Yes, I trust this folder", _ENTER],
+                    [r"Do you want to use this API key\?", ["Up", "Enter"]],
+                    [r"Yes, I accept", ["Down", "Enter"]]],
+        "exit": {"text": "/exit"},
+    },
+    "codex": {
+        "input_lines": 3,
+        "description": "Codex CLI (OpenAI)",
+        # --no-daemon: otherwise Codex leaves an app-server daemon running after it exits.
+        "command": ["codex", "--no-daemon"],
+        "install": "npm install -g @openai/codex",
+        "args": {
+            "always": [
+                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.command=", "toml": "{mcp_command}"},
+                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.args=", "toml": "{mcp_args}"},
+                "-c", {"prefix": f"mcp_servers.{CAO_MCP_NAME}.env=", "toml": "{mcp_env}"},
+                "-c", f"mcp_servers.{CAO_MCP_NAME}.tool_timeout_sec=86400",
+                "-c", f'mcp_servers.{CAO_MCP_NAME}.default_tools_approval_mode="approve"',
+                "-c", {"prefix": "notify=", "toml": ["{hook}", "completed"]},
+                "-c", "check_for_update_on_startup=false"],
+            "system_prompt": ["-c", {"prefix": "developer_instructions=", "toml": "{system_prompt}"}],
+            "model": ["--model", "{model}"],
+            "yolo": ["--dangerously-bypass-approvals-and-sandbox"],
+        },
+        "status": [
+            ["waiting_user_answer", r"^\s*(Allow .* to run tool|Would you like to run)"
+                                    r"|enter to submit \| esc to cancel|^\s*› 1\. (Allow|Yes)"],
+            # An answer still streaming has no "Worked for" line below it yet (and
+            # Codex then hides its "esc to interrupt" line); the last turn's is above.
+            ["processing", r"esc to interrupt\)|^• (?![\s\S]*^\s*(─ )?Worked for [<\d])"],
+            ["completed", r"^\s*(─ )?Worked for [<\d](?![\s\S]*^• )"],
+            ["idle", r"\? for shortcuts"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        "answer": {"start": r"^• ", "keep_start": True, "end": r"^\s*(─ )?Worked for [<\d]|^› "},
+        "dialogs": [[r"Trust this folder\?|1\. Trust and continue", _ENTER]],
+        "exit": {"keys": ["C-c"]},
+    },
+    "gemini_cli": {
+        "input_lines": 5,
+        "description": "Gemini CLI (Google)",
+        "command": ["gemini"],
+        "install": "npm install -g @google/gemini-cli",
+        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        # An untrusted folder runs without MCP servers; cao starts agents only in
+        # folders its user named, so it trusts them as a person would at the prompt.
+        # Gemini (and ink's is-in-ci) start headless and exit when CI or
+        # GITHUB_ACTIONS says "true", but an agent in a tmux window is interactive.
+        "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": "false", "GITHUB_ACTIONS": "false",
+                "GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
+                "GEMINI_SYSTEM_MD": {"when": "system_prompt", "value": "{context_dir}/system.md"}},
+        "files": {
+            "settings.json": {"json": {"mcpServers": {CAO_MCP_NAME: {
+                "command": "{mcp_command}", "args": "{mcp_args}", "env": "{mcp_env}",
+                "timeout": 86400000, "trust": True}},
+                "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}},
+            "system.md": {"when": "system_prompt", "value": "{system_prompt}"},
+        },
+        "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file", "read_many_files"],
+                  "fs_write": ["write_file", "replace"],
+                  "fs_list": ["list_directory", "glob", "search_file_content"],
+                  "web_fetch": ["web_fetch", "google_web_search"]},
+        "status": [
+            ["waiting_user_answer", r"Action Required|^\W*● 1\. Allow"],
+            ["processing", _SPINNER_TIMER],
+            ["completed", _LAST_SPARKLE_ANSWER],
+            ["idle", r"Type your message"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        "answer": {"start": r"^\s*✦ ", "keep_start": True,
+                   "end": _RULE + r"|^\s*> |\? for shortcuts"},
+        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
+        "exit": {"text": "/quit"},
+    },
+}
+PROVIDERS["qwen_code"] = {
+    **PROVIDERS["gemini_cli"],
+    "input_lines": 4,
+    "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
+    "command": ["qwen"],
+    "install": "npm install -g @qwen-code/qwen-code",
+    "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
+             "system_prompt": ["--append-system-prompt", "{system_prompt}"],
+             "model": ["--model", "{model}"], "yolo": ["--yolo"],
+             "restricted": ["--exclude-tools", "{disallowed_tools}"]},
+    # Without this, a first start from a fresh HOME runs `npm install -g` of the latest qwen.
+    "env": {"QWEN_CODE_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json"},
+    "files": {"settings.json": {"json": {"general": _NO_SELF_UPDATE}}},
+    "mcp_server_keys": {"timeout": 86400000},  # ms; the default 10 min would cut a handoff
+    "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file"],
+              "fs_write": ["write_file", "edit"], "fs_list": ["list_directory", "glob", "grep_search"],
+              "web_fetch": ["web_fetch"]},
+    "status": [
+        ["waiting_user_answer", r"Waiting for user confirmation|^\W*› 1\. Yes"],
+        ["processing", _SPINNER_TIMER],
+        ["completed", _LAST_SPARKLE_ANSWER],
+        ["idle", r"Type your message|\? for shortcuts"],
+    ],
+}
+PROVIDERS.update({
+    "opencode_cli": {
+        "input_lines": 5,
+        "description": "opencode (sst)",
+        "command": ["opencode"],
+        "install": "npm install -g opencode-ai",
+        "args": {"model": ["--model", "{model}"]},
+        "env": {"OPENCODE_CONFIG_CONTENT": {"json": {
+                    "mcp": {CAO_MCP_NAME: {"type": "local", "command": "{mcp_argv}",
+                                           "environment": "{mcp_env}", "timeout": 86400000}},
+                    "instructions": ["{context_dir}/system.md"]}},
+                "OPENCODE_PERMISSION": {"when": "yolo", "value": '"allow"'},
+                "OPENCODE_DISABLE_AUTOUPDATE": "1"},
+        "files": {"system.md": "{system_prompt}"},
+        "status": [
+            ["waiting_user_answer", r"Permission required|Allow once\s+Allow always"],
+            ["processing", r"esc interrupt"],
+            ["completed", r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$"],
+            ["idle", r"ctrl\+p commands|tab agents"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        # The sidebar shares the answer's lines, far to the right.
+        # skip_open: its input box below the last answer looks like a prompt box.
+        "answer": {"start": r"^\s*(┃|⚙ )", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$",
+                   "trim": r"\s{8,}\S.*$", "skip_open": True},
+        "exit": {"keys": ["C-c"]},
+    },
+    "copilot_cli": {
+        "input_lines": 3,
+        "description": "GitHub Copilot CLI",
+        "command": ["copilot", "--no-auto-update"],
+        "install": "npm install -g @github/copilot",
+        "args": {"always": ["--additional-mcp-config", {"json": {"mcpServers": {CAO_MCP_NAME: {
+                                "type": "local", "command": "{mcp_command}", "args": "{mcp_args}",
+                                "env": "{mcp_env}", "tools": ["*"],
+                                "timeout": 86400000}}}},  # ms; the default 180 s would cut a handoff
+                            "--allow-tool", CAO_MCP_NAME],
+                 "model": ["--model", "{model}"], "yolo": ["--allow-all"],
+                 # --excluded-tools hides them from the model; --deny-tool only refuses a call.
+                 "restricted": ["--excluded-tools", "{disallowed_tools}"]},
+        "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
+        # Copilot reads *.instructions.md (not copilot-instructions.md) from these dirs.
+        "files": {"cao-profile.instructions.md": {"when": "system_prompt",
+                                                  "value": "{system_prompt}"}},
+        "tools": {"execute_bash": ["bash", "read_bash", "write_bash", "stop_bash", "list_bash"],
+                  "fs_read": ["view"], "fs_write": ["apply_patch", "edit", "create"],
+                  "fs_list": ["glob", "rg"], "web_fetch": ["web_fetch"]},
+        "status": [
+            ["waiting_user_answer", r"Do you want to (use this tool|run this command|allow)"
+                                    r"|↑/↓ to navigate"],
+            ["processing", r"^\s*[○●◉◎] Working|esc esc (edit prompt|interrupt)"],
+            ["completed", r"^ ❯ \S.*\n(?:.*\n)*? ● (?!Tip:|No copilot-instructions|MCP Servers)"],
+            ["idle", r"open sidebar|^❯"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        "settle": 0.15,  # it clears the busy footer a frame before the answer's last words
+        "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
+                   "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
+        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
+        "exit": {"text": "/exit"},
+    },
+    "kimi_cli": {
+        "input_lines": 3,
+        "description": "Kimi CLI (Moonshot; the Python kimi-cli 1.51)",
+        "command": ["kimi", "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
+        "install": "pip install kimi-cli==1.51.0  (Python >= 3.12)",
+        "args": {"system_prompt": ["--agent-file", "{context_dir}/agent.yaml"],
+                 "model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        "env": {"KIMI_CLI_NO_AUTO_UPDATE": "1"},
+        "files": {"agent.yaml": {"when": "system_prompt", "value": {"json": {
+            "version": 1, "agent": {"extend": "default",
+                                    "system_prompt_args": {"ROLE_ADDITIONAL": "{system_prompt}"}}}}}},
+        "status": [
+            ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
+            # A spinner ("⠋ Using …", "⠋ Composing… <1s · 3 tokens"; the start-up
+            # "⠏ MCP Servers: …" line stays drawn), or a prompt or tool line with
+            # nothing below it yet: the turn goes on between spinner frames.
+            ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] (?!MCP Servers:)"
+                           r"|^(?:✨ |• Used \w+ \()(?![\s\S]*^(?:• |✨ ))"],
+            # Done when the last bullet is an answer: not a tool line ("• Used Shell (…)",
+            # shown with no spinner before the model is asked again), and not the
+            # start-up MCP list ("• cao-mcp-server (connecting)"), so either below a
+            # prompt line or once that list has scrolled away.
+            ["completed", r"^✨ .*\n(?:.*\n)*?" + _KIMI_LAST_ANSWER
+                          + r"|\A(?![\s\S]*MCP Servers:)[\s\S]*?" + _KIMI_LAST_ANSWER],
+            ["idle", r"── input ──"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        "answer": {"start": r"^• (?!Used \w+ \()", "keep_start": True, "end": r"── input ──|^✨ "},
+        "exit": {"text": "/exit"},
+    },
+    "hermes": {
+        "input_lines": 3,
+        "description": "Hermes Agent (Nous Research)",
+        "command": ["hermes"],
+        "install": "pip install 'hermes-agent[mcp]'  (Python >= 3.12)",
+        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        "env": {"HERMES_EPHEMERAL_SYSTEM_PROMPT": {"when": "system_prompt", "value": "{system_prompt}"}},
+        "status": [
+            # A dangerous-command approval times out by itself after 60 s.
+            ["waiting_user_answer", r"Dangerous Command|↑/↓ to select, Enter to confirm|^⚠ ❯"],
+            ["processing", r"⏱ \d|msg=interrupt"],
+            ["completed", r"│ ✓ \d+m?s\b"],
+            ["idle", r"^❯|⏲"],
+        ],
+        "tail_lines": 60,
+        "turn_start_grace": 3.0,
+        "answer": {"start": r"^╭─ ⚕ ", "end": r"^╰─"},
+        "exit": {"text": "/exit"},
+    },
+    # Below: CLIs that no package registry here carries, so they are written from
+    # their documented screens and not run in CI; docs/providers marks them experimental.
+    "kiro_cli": {
+        "description": "Kiro CLI (AWS) - experimental",
+        "command": ["kiro-cli", "chat", "--trust-all-tools"],
+        "install": "see https://kiro.dev/docs/cli",
+        "args": {"model": ["--model", "{model}"]},
+        "status": [
+            ["waiting_user_answer", r"Allow this action\?|\[y/n/t\]|❯\s*No, exit"],
+            ["processing", r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] Thinking|Kiro is working|esc to cancel"],
+            ["completed", r"^> \S[\s\S]*\n" + _KIRO_PROMPT],
+            ["idle", r"[Aa]sk a question,? or describe a task|" + _KIRO_PROMPT],
+        ],
+        "tail_lines": 40,
+        "answer": {"start": r"^> (?=\S)", "keep_start": True, "end": _KIRO_PROMPT},
+        "dialogs": [[r"Kiro is running in trust all tools mode", ["Down", "Enter"]]],
+        "exit": {"text": "/quit"},
+    },
+    "cursor_cli": {
+        "description": "Cursor CLI (cursor-agent) - experimental",
+        "command": ["cursor-agent"],
+        "install": "curl https://cursor.com/install -fsS | bash",
+        "args": {"model": ["--model", "{model}"], "yolo": ["--force"]},
+        "status": [
+            ["waiting_user_answer", r"(?i)do you want to (allow|run)|approve this action|\[\s*y\s*/\s*n\s*\]"
+                                    r"|↑/↓ to navigate|do you trust (the )?files? in this folder"],
+            ["processing", r"ctrl\+c to stop|[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✶✢✽✻✳·].*…"],
+            ["completed", r"Add a follow-up"],
+            ["idle", r"Plan, search, build anything|^\s*[❯>]\s"],
+        ],
+        "tail_lines": 40,
+        "answer": {"start": _RULE, "end": _RULE},
+        "exit": {"text": "/exit"},
+    },
+})
+# Amazon Q Developer CLI is Kiro CLI's predecessor and draws the same chat screen.
+PROVIDERS["q_cli"] = {
+    **PROVIDERS["kiro_cli"],
+    "description": "Amazon Q Developer CLI - experimental",
+    "command": ["q", "chat", "--trust-all-tools"],
+    "install": "see https://docs.aws.amazon.com/amazonq/latest/qdeveloper-ug/command-line.html",
+    "dialogs": [],
+}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def _settings(env, providers, **extra):
 @pytest.mark.parametrize("spec,message", [
     ({"command": "not a list"}, '"command" must be a non-empty list'),
     ({"command": ["x"], "status": [["busy", "x"]]}, "status 'busy' is not one of"),
-    ({"command": ["x"], "status": [["idle", "("]]}, "status pattern '('"),
+    ({"command": ["x"], "status": [["idle", "("]]}, "\"status\" bad regex '('"),
     ({"command": ["x"], "colour": "red"}, "unknown field(s) colour"),
     ({"command": ["x", "--p={nosuch}"]}, "uses nosuch; known fields"),
     ({"command": ["x"], "args": {"colour": ["--red"]}}, '"args" must map features'),
@@ -151,3 +151,15 @@ def test_the_answer_is_none_while_the_newest_one_is_still_drawn():
     assert cao.extract_answer(spec, screen + "wn\n>") == "two, still drawn"
     skip_open = {"answer": {**spec["answer"], "skip_open": True}}  # opencode's input box
     assert cao.extract_answer(skip_open, screen) == "one"
+
+
+def test_every_builtin_entry_passes_the_field_schema_and_every_field_is_documented():
+    for name, spec in cao.PROVIDERS.items():
+        assert cao._check_provider(name, spec, "built-in") is spec
+    text = (ROOT / "docs" / "providers.md").read_text()
+    table = text[text.index("## The fields"):].split("\n## ")[0]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented |= {cell.strip(" `") for cell in line.split("|")[1].split(", ")}
+    assert documented == set(cao.PROVIDER_FIELDS)
