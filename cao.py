@@ -1209,21 +1209,21 @@ def tmux_spawn(session, window, cwd, env, argv, new_session):
         head = ["new-session", "-d", "-s", session, "-x", 220, "-y", 50]
     else:
         head = ["new-window", "-d", "-t", f"={session}:"]
-    pane = tmux(*head, "-n", window, "-c", tmux_literal(cwd), *env_args, "-P", "-F", "#{pane_id}",
+    pane_id = tmux(*head, "-n", window, "-c", tmux_literal(cwd), *env_args, "-P", "-F", "#{pane_id}",
                 "--", *argv).strip()
     # Keep a dead pane on screen so its last words can be read and its status is error.
     try:
-        tmux("set-option", "-w", "-t", pane, "remain-on-exit", "on", ";",
-             "set-option", "-w", "-t", pane, "allow-rename", "off")
+        tmux("set-option", "-w", "-t", pane_id, "remain-on-exit", "on", ";",
+             "set-option", "-w", "-t", pane_id, "allow-rename", "off")
     except TmuxError:
         raise CaoError(f"the agent command exited as soon as it started; check that "
                        f"`{shlex.join(argv)}` runs in {cwd}")
-    return pane
+    return pane_id
 
 
-def tmux_capture(pane, history=None):
+def tmux_capture(pane_id, history=None):
     """The pane's text; history=None gives the visible screen, 'all' everything."""
-    args = ["capture-pane", "-p", "-J", "-t", pane]
+    args = ["capture-pane", "-p", "-J", "-t", pane_id]
     if history == "all":
         args += ["-S", "-", "-E", "-"]
     elif history:
@@ -1231,11 +1231,11 @@ def tmux_capture(pane, history=None):
     return tmux(*args)
 
 
-def tmux_capture_state(pane):
+def tmux_capture_state(pane_id):
     """(screen text, pane_dead) in one tmux call; None when the pane is gone."""
     marker = "\x1f" + uuid.uuid4().hex
-    result = _tmux_run(("capture-pane", "-p", "-J", "-t", pane, ";",
-                        "display-message", "-p", "-t", pane, marker + "#{pane_dead}"))
+    result = _tmux_run(("capture-pane", "-p", "-J", "-t", pane_id, ";",
+                        "display-message", "-p", "-t", pane_id, marker + "#{pane_dead}"))
     if result.returncode:
         return None
     text = result.stdout.decode(errors="replace")
@@ -1243,7 +1243,7 @@ def tmux_capture_state(pane):
     return screen, dead.strip() == "1"
 
 
-def tmux_paste(pane, text, keep_buffer=None):
+def tmux_paste(pane_id, text, keep_buffer=None):
     """Paste text as one bracketed paste (tmux adds the markers if the app asked).
     With keep_buffer, a buffer of that name is set in the same command list as the
     paste, so its existence proves the paste happened (loading from stdin is
@@ -1251,20 +1251,20 @@ def tmux_paste(pane, text, keep_buffer=None):
     buf = "cao-" + uuid.uuid4().hex[:12]
     tmux("load-buffer", "-b", buf, "-", input=text.encode())
     marker = [";", "set-buffer", "-b", keep_buffer, "pasted"] if keep_buffer else []
-    tmux("paste-buffer", "-p", "-d", "-b", buf, "-t", pane, *marker)
+    tmux("paste-buffer", "-p", "-d", "-b", buf, "-t", pane_id, *marker)
 
 
 def tmux_buffer_exists(name):
     return name in tmux("list-buffers", "-F", "#{buffer_name}", check=False).split()
 
 
-def tmux_keys(pane, *keys):
-    tmux("send-keys", "-t", pane, *keys)
+def tmux_keys(pane_id, *keys):
+    tmux("send-keys", "-t", pane_id, *keys)
 
 
-def tmux_pane_info(pane, fmt):
+def tmux_pane_info(pane_id, fmt):
     try:
-        return tmux("display-message", "-p", "-t", pane, fmt).strip()
+        return tmux("display-message", "-p", "-t", pane_id, fmt).strip()
     except TmuxError:
         return None
 
@@ -1287,9 +1287,9 @@ def tmux_sessions():
     return {n: int(a or 0) for n, _, a in (l.partition("\t") for l in out.splitlines()) if n}
 
 
-def tmux_pipe(pane, fifo):
+def tmux_pipe(pane_id, fifo):
     """Stream the pane's output into fifo (replacing any older pipe)."""
-    tmux("pipe-pane", "-t", pane, ";", "pipe-pane", "-t", pane,
+    tmux("pipe-pane", "-t", pane_id, ";", "pipe-pane", "-t", pane_id,
          tmux_literal("exec cat >> " + shlex.quote(str(fifo))))
 
 
@@ -1705,7 +1705,9 @@ def parse_allowed_tools(value):
     return tools
 
 
-class _Pane:
+class _WatchedPane:
+    """A pane the watcher reads: its FIFO, process fd, log and output timing."""
+
     __slots__ = ("terminal_id", "pane_id", "fifo", "fd", "pidfd", "log", "dirty_since",
                  "last_output", "outputs", "eof", "eof_checks")
 
@@ -1779,7 +1781,7 @@ class PaneWatcher(threading.Thread):
         fifo = self.fifo_dir / f"{terminal_id}.fifo"
         if not os.path.lexists(fifo):
             os.mkfifo(fifo, 0o600)
-        pane = _Pane(terminal_id, pane_id, fifo,
+        pane = _WatchedPane(terminal_id, pane_id, fifo,
                      append_inside(self.log_dir / f"{terminal_id}.log", self.log_dir))
         pane.fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         if not stat.S_ISFIFO(os.fstat(pane.fd).st_mode):
@@ -2021,7 +2023,7 @@ class StatusTracker:
         self.poke_later(term, wait)
         return False
 
-    def _resend_enter(self, term, spec, pane, screen):
+    def _resend_enter(self, term, spec, pane_id, screen):
         """An Enter that arrived inside the paste burst can be taken as part of the
         paste (Gemini CLI, now and then): the text then waits in the input box
         after the submit looked. Press Enter again, up to 3 times, 1 s apart."""
@@ -2034,7 +2036,7 @@ class StatusTracker:
                 self.poke_later(term, wait)
             return
         unsent[1:] = [unsent[1] + 1, time.monotonic()]
-        tmux_keys(pane, "Enter")
+        tmux_keys(pane_id, "Enter")
 
     def poke_later(self, term, delay):
         """Re-read the screen after delay even if the pane prints nothing (one timer)."""
@@ -2051,7 +2053,7 @@ class StatusTracker:
         timer.daemon = True
         timer.start()
 
-    def _answer_dialog(self, term, spec, pane, screen):
+    def _answer_dialog(self, term, spec, pane_id, screen):
         """Answer a first-run question (trust this folder...) as a person would."""
         keys = pending_dialog(spec, screen)
         if keys is None:
@@ -2059,7 +2061,7 @@ class StatusTracker:
         if time.monotonic() - term.dialog_keys_at > 1.0:
             term.dialog_keys_at = time.monotonic()
             for key in keys:
-                tmux_keys(pane, key)
+                tmux_keys(pane_id, key)
         self.watcher.poke(term.id)
         return True
 
@@ -2116,31 +2118,31 @@ class TerminalInput:
             raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
                            "start a new terminal")
         spec = get_provider(row["provider"])
-        pane = row["pane_id"]
+        pane_id = row["pane_id"]
         with term.input_lock:
-            tmux_paste(pane, message, keep_buffer)
+            tmux_paste(pane_id, message, keep_buffer)
             delay = spec.get("submit", {}).get("enter_delay", 0)
             if delay:
                 time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
-            self._submit(term, pane, spec, message, enter_first=True)
+            self._submit(term, pane_id, spec, message, enter_first=True)
             self._submitted(term, row["session_name"], message)
         self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
                            (time.time(), terminal_id))
 
-    def _submit(self, term, pane, spec, message, enter_first):
+    def _submit(self, term, pane_id, spec, message, enter_first):
         """Press Enter until the message has left the agent's input line (3 tries)."""
         needle = _input_tail(message)
         for attempt in range(3):
             count = self.watcher.output_count(term.id)
             pressed = enter_first or attempt > 0
             if pressed:
-                tmux_keys(pane, "Enter")
-            if self._input_taken(term.id, pane, spec, needle, count, pressed):
+                tmux_keys(pane_id, "Enter")
+            if self._input_taken(term.id, pane_id, spec, needle, count, pressed):
                 return
         raise Conflict(f"terminal {term.id} did not take the input: it is still in the agent's "
                        "input line after 3 Enters; look with tmux attach")
 
-    def _input_taken(self, terminal_id, pane, spec, needle, count, pressed):
+    def _input_taken(self, terminal_id, pane_id, spec, needle, count, pressed):
         """After an Enter, look at each burst of output: True as soon as the message has
         left the input line (or the agent looks busy); False once the pane stayed quiet
         for 80 ms, or 1 s passed, with the message still there. A CLI that animates
@@ -2150,7 +2152,7 @@ class TerminalInput:
             printed = pressed and self.watcher.wait_settled(
                 terminal_id, count, quiet=0.01, timeout=max(0.0, deadline - time.monotonic()))
             count = self.watcher.output_count(terminal_id)
-            state = tmux_capture_state(pane)
+            state = tmux_capture_state(pane_id)
             if state is None or state[1]:
                 raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
             if needle not in _screen_tail(state[0], spec.get("input_lines", 1)) or \
@@ -2302,15 +2304,15 @@ class Terminals:
             (terminal_id, session_name, window, provider, profile["name"], workdir,
              json.dumps(tools) if tools else None, caller_id, "unknown", now, now))
         try:
-            pane = tmux_spawn(session_name, window, workdir, env, argv, new_session)
+            pane_id = tmux_spawn(session_name, window, workdir, env, argv, new_session)
         except CaoError:
             self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
             if new_session:
                 self.store.execute("DELETE FROM sessions WHERE name = ?", (session_name,))
             raise
-        self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane, terminal_id))
+        self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane_id, terminal_id))
         self.live[terminal_id] = Terminal(terminal_id)
-        self.watcher.add(terminal_id, pane)
+        self.watcher.add(terminal_id, pane_id)
         if new_session:
             self.store.emit("session_created", session_name)
         self.store.emit("terminal_created", session_name, terminal_id,
