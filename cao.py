@@ -6,20 +6,35 @@ HTTP server owns tmux, the sqlite state and status detection; the CLI, the web
 dashboard and the MCP servers are its clients. Only the standard library is
 imported at module level; `mcp` and `croniter` are imported where they are used.
 
-Map of this file (each section uses only the sections above it):
+Map of this file. Each section uses only the sections above it; the provider
+table at the end is data that the providers section reads.
 
-  errors             one exception tree, mapped to HTTP codes and exit codes once
-  paths and config   CAO_HOME_DIR layout, settings.json, server address, resources
-  profiles           agent profiles: YAML-subset frontmatter, discovery, install
-  state              sqlite (WAL) store: sessions, terminals, inbox, events
-  tmux               subprocess wrapper, optionally on a private -L socket
-  providers          the provider table: how each CLI launches, looks and exits
-  demo agent         the small interactive agent behind the `demo` provider
-  terminals          sessions/terminals, pasted input, event-driven status watcher
-  inbox              durable messages delivered when the receiver is idle
-  HTTP API           ThreadingHTTPServer, route table, Host/Origin checks; client
-  MCP servers        `cao mcp`: handoff, assign, send_message for agents
-  CLI                argparse commands; `main()` is the entry point
+  errors            one exception tree, mapped to HTTP codes and exit codes once
+  helpers           names and their checks, small shared functions, the YAML
+                    subset that profile frontmatter is written in
+  paths and config  CAO_HOME_DIR, file boundaries (no link out of cao's folders),
+                    settings.json (cached until it changes), packaged resources
+  profiles          agent profiles: discovery, loading, install
+  client            the REST API as the CLI and MCP servers call it, one method
+                    per route
+  state             sqlite store (sessions, terminals, inbox, events) and the
+                    in-process Bus that features subscribe to
+  tmux              every tmux call, each with a timeout, on an optional -L socket
+  providers         the provider field schema; launching a CLI from an entry,
+                    reading its status and its last answer from the screen
+  terminals         Terminal (one live record each), PaneWatcher, StatusTracker,
+                    TerminalInput, Terminals and Sessions
+  inbox and orchestration  durable messages delivered when the receiver is idle;
+                    the agents' tools (handoff, assign, send_message, ...)
+  application       App: makes the parts above and wires them together
+  HTTP API          routes by resource; Host, Origin and framing checks; limits
+  MCP servers       `cao mcp` serves the agents' tool table over stdio
+  demo agent        the small interactive agent behind the `demo` provider
+  CLI               a table of @command functions, each with its options;
+                    main() is the entry point
+  provider table    one entry per CLI, as data
+
+docs/architecture.md follows one message through these sections.
 """
 
 import argparse
@@ -2779,6 +2794,8 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
                 ".ico": "image/x-icon", ".json": "application/json"}
 
 
+# -- requests and the route table ----------------------------------------------
+
 _JSON_KINDS = {str: "string", list: "list", int: "number", float: "number"}
 
 
@@ -2823,11 +2840,15 @@ def route(method, pattern, status=200):
     return register
 
 
+# -- routes: health ------------------------------------------------------------
+
 @route("GET", r"/health")
 def _health(app, req):
     return {"status": "ok", "service": "cli-agent-orchestrator", "version": __version__,
             "terminal_backend": "tmux", "pid": os.getpid()}
 
+
+# -- routes: sessions ----------------------------------------------------------
 
 @route("GET", r"/sessions")
 def _list_sessions(app, req):
@@ -2873,6 +2894,8 @@ def _session_terminals(app, req):
     return app.sessions.get(req.params["name"])["terminals"]
 
 
+# -- routes: terminals ---------------------------------------------------------
+
 @route("GET", r"/terminals/(?P<id>[^/]+)")
 def _get_terminal(app, req):
     return app.terminals.get(req.params["id"])
@@ -2915,6 +2938,8 @@ def _terminal_workdir(app, req):
     return {"working_directory": app.terminals.working_directory(req.params["id"])}
 
 
+# -- routes: inbox -------------------------------------------------------------
+
 @route("POST", r"/terminals/(?P<id>[^/]+)/inbox/messages")
 def _post_message(app, req):
     return app.inbox.post(req.arg("sender_id", required=True), req.params["id"],
@@ -2925,6 +2950,8 @@ def _post_message(app, req):
 def _list_messages(app, req):
     return app.inbox.messages(req.params["id"], req.number("limit", 10, 1, 100), req.arg("status"))
 
+
+# -- routes: agents ------------------------------------------------------------
 
 @route("GET", r"/agents/profiles")
 def _profiles(app, req):
@@ -2942,6 +2969,8 @@ def _providers(app, req):
              "installed": provider_installed(spec), "description": spec.get("description", "")}
             for name, spec in sorted(providers().items())]
 
+
+# -- routes: events ------------------------------------------------------------
 
 @route("GET", r"/events")
 def _events(app, req):
@@ -3248,6 +3277,8 @@ def _static_file(path):
         return None
     return data, STATIC_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
 
+
+# -- the server ----------------------------------------------------------------
 
 class ApiServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
