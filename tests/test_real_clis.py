@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -170,14 +171,19 @@ def _tool_ready(mock, name):
     return lambda r: r["kind"] == "main" and any(t.endswith(name) for t in r["tool_names"])
 
 
-def _warm_up(env, mock, term, tool):
-    """One turn so the CLI has connected to cao's MCP server before the real work."""
-    for attempt in range(5):
+def _warm_up(env, mock, term, tool, timeout=90):
+    """Turns until the CLI has connected to cao's MCP server, before the real work. A
+    CLI connects in the background, and `cao mcp` takes ~1 s to start (more on a
+    loaded CI machine) while a warm-up turn against the mock takes a fraction of that,
+    so the turns go on until the tool is offered or the deadline passes."""
+    deadline, attempt = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
         env.send(term, f"warm up {attempt}")
         env.wait_status(term, "completed")
         if any(_tool_ready(mock, tool)(r) for r in mock.requests):
             return
-    raise AssertionError(f"the CLI never offered the {tool} tool")
+        attempt += 1
+    raise AssertionError(f"the CLI never offered the {tool} tool in {attempt} turns ({timeout} s)")
 
 
 @pytest.mark.parametrize("boss,worker", [("claude_code", "codex"), ("codex", "gemini_cli")])
