@@ -757,8 +757,12 @@ def profile_dirs():
     dirs = [(home / "agent-store", home), (home / "agent-context", home),
             (UPSTREAM_HOME / "agent-store", UPSTREAM_HOME),
             (UPSTREAM_HOME / "agent-context", UPSTREAM_HOME)]
-    extra = load_settings().get("agents", {}).get("extra_dirs", [])
-    dirs += [(Path(d).expanduser(),) * 2 for d in extra if isinstance(d, str)]
+    agents = load_settings().get("agents") or {}
+    extra = (agents.get("extra_dirs") or []) if isinstance(agents, dict) else None
+    if not isinstance(extra, list) or not all(isinstance(d, str) for d in extra):
+        raise ConfigError('settings.json: "agents" must be an object whose "extra_dirs" is a '
+                          "list of folder paths")
+    dirs += [(Path(d).expanduser(),) * 2 for d in extra]
     return dirs
 
 
@@ -1338,9 +1342,12 @@ FEATURES = ("always", "system_prompt", "model", "yolo", "restricted")
 CAO_MCP_NAME = "cao-mcp-server"
 TOOL_GROUPS = {"fs_*": ("fs_read", "fs_write", "fs_list"),
                "@builtin": ("execute_bash", "fs_read", "fs_write", "fs_list", "web_fetch")}
+CAO_TOOLS = ("execute_bash", "fs_read", "fs_write", "fs_list", "web_fetch", "discovery")
 ROLE_TOOLS = {"supervisor": ["@cao-mcp-server", "fs_read", "fs_list"],
               "reviewer": ["@builtin", "fs_read", "fs_list", "@cao-mcp-server"],
-              "developer": ["@builtin", "fs_*", "execute_bash", "web_fetch", "@cao-mcp-server"]}
+              "developer": ["@builtin", "fs_*", "execute_bash", "web_fetch", "@cao-mcp-server"],
+              "workflow_scout": ["@builtin", "fs_read", "execute_bash", "@cao-mcp-server"]}
+_MCP_SERVER_TOOL = re.compile(r"@[A-Za-z0-9_.-]{1,64}")
 _TEMPLATE_FIELD = re.compile(r"\{([a-z_]+)\}")
 def _template_strings(value):
     if isinstance(value, str):
@@ -1495,6 +1502,45 @@ def provider_binary(spec):
 def provider_installed(spec):
     binary = provider_binary(spec)
     return binary is None or shutil.which(binary) is not None
+
+
+def check_tool_names(tools, where):
+    """Every name must be cao's vocabulary: an unknown name is an error, never ignored."""
+    for name in tools:
+        if name != "*" and name not in CAO_TOOLS and name not in TOOL_GROUPS \
+                and not _MCP_SERVER_TOOL.fullmatch(name):
+            raise ConfigError(f"{where}: unknown tool {name!r}; use {', '.join(CAO_TOOLS)}, "
+                              f"{', '.join(TOOL_GROUPS)}, @<mcp server name> or *")
+    return tools
+
+
+def roles():
+    """Role name -> allowed tools: the built-ins, then settings.json's `agents.roles`
+    (or upstream's older top-level `roles`)."""
+    settings = load_settings()
+    agents = settings.get("agents") or {}
+    table = dict(ROLE_TOOLS)
+    for where, custom in (("roles", settings.get("roles")),
+                          ("agents.roles", agents.get("roles") if isinstance(agents, dict) else None)):
+        if custom is None:
+            continue
+        if not isinstance(custom, dict):
+            raise ConfigError(f"settings.json: {where} must map role names to lists of tools")
+        for name, tools in custom.items():
+            if not (isinstance(tools, list) and tools and all(isinstance(t, str) for t in tools)):
+                raise ConfigError(f"settings.json: {where}.{name} must be a non-empty list of "
+                                  "tool names, such as [\"fs_read\", \"fs_list\"]")
+            table[name] = check_tool_names(tools, f"settings.json: {where}.{name}")
+    return table
+
+
+def role_tools(role):
+    """The tools of a role; an unknown role is an error, never "no restriction"."""
+    table = roles()
+    if not isinstance(role, str) or role not in table:
+        raise ConfigError(f"unknown role {role!r}; use one of {', '.join(sorted(table))}, or "
+                          "define it in settings.json under agents.roles")
+    return table[role]
 
 
 def resolve_tools(allowed):
@@ -1717,7 +1763,7 @@ def parse_allowed_tools(value):
     tools = [t.strip() for t in tools if isinstance(t, str) and t.strip()]
     if not tools or any(len(t) > 128 for t in tools):
         raise CaoError("allowed_tools must be a comma-separated list of tool names, or *")
-    return tools
+    return check_tool_names(tools, "allowed_tools")
 
 
 class _WatchedPane:
@@ -2292,9 +2338,10 @@ class Terminals:
             raise NotFound(f"session {session_name} not found; create it with POST /sessions")
         workdir = resolve_working_directory(working_directory or (
             session["working_directory"] if session else None))
+        role = profile.get("role")
         tools = parse_allowed_tools(allowed_tools if allowed_tools is not None
                                     else profile.get("allowedTools")
-                                    or ROLE_TOOLS.get(profile.get("role")))
+                                    or (role_tools(role) if role is not None else None))
         if caller_id is not None:
             self.row(caller_id)
         terminal_id = uuid.uuid4().hex[:8]

@@ -361,3 +361,55 @@ def test_bad_security_settings_stop_the_server(tmp_path):
             assert "Traceback" not in result.stderr
     finally:
         env.cleanup()
+
+
+# -- 5. tool restrictions fail closed -----------------------------------------------
+
+def _profile(env, name, front):
+    (env.home / "agent-store").mkdir(parents=True, exist_ok=True)
+    (env.home / "agent-store" / f"{name}.md").write_text(f"---\nname: {name}\n{front}---\nhi\n")
+
+
+def test_unknown_roles_and_tool_names_are_errors_never_no_restriction(server):
+    _profile(server, "scout", "role: workflow_scout\n")
+    _profile(server, "mystery", "role: nosuch\n")
+    _profile(server, "oddtools", "allowedTools: [fs_read, Bash]\n")
+    code, term = server.request("POST", "/sessions?agent_profile=scout&provider=demo&session_name=s1")
+    assert code == 201 and term["allowed_tools"] == ["@builtin", "fs_read", "execute_bash",
+                                                     "@cao-mcp-server"]
+    for profile, text in (("mystery", "unknown role 'nosuch'"), ("oddtools", "unknown tool 'Bash'")):
+        code, body = server.request("POST", f"/sessions?agent_profile={profile}&provider=demo")
+        assert code == 400 and text in body["detail"], body
+    for tools in ("read,grep", "fs_read,rm -rf", ""):
+        code, body = server.request("POST", "/sessions", {
+            "agent_profile": "developer", "provider": "demo", "allowed_tools": tools})
+        assert code == 400, (tools, body)
+    # A worker started by handoff/assign goes through the same check.
+    code, worker = server.request("POST", "/sessions/cao-s1/terminals?agent_profile=mystery"
+                                          "&provider=demo")
+    assert code == 400 and "unknown role" in worker["detail"]
+    assert [s["name"] for s in server.request("GET", "/sessions")[1]] == ["cao-s1"]
+    code, term = server.request("POST", "/sessions", {
+        "agent_profile": "developer", "provider": "demo", "session_name": "s2",
+        "allowed_tools": "fs_read,fs_list,@cao-mcp-server"})
+    assert code == 201 and term["allowed_tools"] == ["fs_read", "fs_list", "@cao-mcp-server"]
+
+
+def test_custom_roles_come_from_settings_in_both_shapes(server):
+    import json as _json
+    _profile(server, "auditor", "role: auditor\n")
+    _profile(server, "legacy", "role: legacy_reader\n")
+    for settings, expected in (
+            ({"agents": {"roles": {"auditor": ["fs_read", "fs_list"]}}}, {"auditor": ["fs_read", "fs_list"]}),
+            ({"roles": {"legacy_reader": ["fs_read"]}}, {"legacy": ["fs_read"]})):
+        (server.home / "settings.json").write_text(_json.dumps(settings))
+        for profile, tools in expected.items():
+            code, term = server.request("POST", f"/sessions?agent_profile={profile}&provider=demo")
+            assert code == 201 and term["allowed_tools"] == tools, term
+    for bad, text in (({"agents": {"roles": {"auditor": "fs_read"}}}, "agents.roles.auditor must be"),
+                      ({"agents": {"roles": {"auditor": ["Read"]}}}, "unknown tool 'Read'"),
+                      ({"roles": ["auditor"]}, "roles must map role names"),
+                      ({"agents": "x"}, '"agents" must be an object')):
+        (server.home / "settings.json").write_text(_json.dumps(bad))
+        code, body = server.request("POST", "/sessions?agent_profile=auditor&provider=demo")
+        assert code == 400 and text in body["detail"], (bad, body)
