@@ -56,7 +56,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -1715,6 +1714,7 @@ def _home_of(path, own_home):
 
 def workdir_refusal(path):
     """Why an agent may not work in path (already resolved), or None."""
+    import tempfile  # here, not at the top: it imports random and hashlib
     own_home = os.path.realpath(os.path.expanduser("~"))
     scratch = SCRATCH_TREES + (os.path.realpath(tempfile.gettempdir()),)
     if path in SHARED_ROOTS or path in scratch:
