@@ -1018,6 +1018,31 @@ class Client:
     def profile(self, name):
         return self.call("GET", f"/agents/profiles/{name}")
 
+    def memory_store(self, **body):
+        return self.call("POST", "/internal/memory/store", body=body)
+
+    def memory_recall(self, **body):
+        return self.call("POST", "/internal/memory/recall", body=body)
+
+    def memory_forget(self, **body):
+        return self.call("POST", "/internal/memory/forget", body=body)
+
+    def memories(self, scope=None, memory_type=None, scope_id=None, limit=None):
+        return self.call("GET", "/memory", {"scope": scope, "type": memory_type,
+                                            "scope_id": scope_id, "limit": limit})
+
+    def memory(self, key, scope=None, scope_id=None):
+        return self.call("GET", f"/memory/{key}", {"scope": scope, "scope_id": scope_id})
+
+    def delete_memory(self, key, scope=None, scope_id=None):
+        return self.call("DELETE", f"/memory/{key}", {"scope": scope, "scope_id": scope_id})
+
+    def clear_memory(self, scope, scope_id=None):
+        return self.call("DELETE", "/memory", {"scope": scope, "scope_id": scope_id})
+
+    def memory_context(self, terminal_id):
+        return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/memory-context")
+
     def events(self, after=None, wait=None):
         """Events after cursor `after` (None: only the cursor), waiting up to `wait` s."""
         params = {"after": after, "wait": None if wait is None else f"{wait:.2f}"}
@@ -1071,6 +1096,18 @@ MIGRATIONS = [
         session_name TEXT, terminal_id TEXT, data TEXT);
     """,
     "ALTER TABLE inbox ADD COLUMN batch_id INTEGER;",
+    """
+    CREATE TABLE memories (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, scope TEXT NOT NULL, scope_id TEXT NOT NULL,
+        key TEXT NOT NULL, memory_type TEXT NOT NULL, content TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '', source_provider TEXT, source_terminal TEXT,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        access_count INTEGER NOT NULL DEFAULT 0, last_recalled REAL,
+        UNIQUE(scope, scope_id, key));
+    CREATE INDEX memories_recent ON memories(scope, scope_id, updated_at);
+    ALTER TABLE terminals ADD COLUMN memory_context TEXT;
+    UPDATE terminals SET memory_context = '';
+    """,
 ]
 EVENTS_KEPT = 10000
 
@@ -2169,11 +2206,14 @@ class TerminalInput:
 
     def __init__(self, store, live, watcher, tracker):
         self.store, self.live, self.watcher, self.tracker = store, live, watcher, tracker
+        self.first_input = None  # (row, message) -> the message a terminal gets first
 
     def send(self, terminal_id, message, keep_buffer=None):
         """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
         check_message(message)
         row = terminal_row(self.store, terminal_id)
+        if row["memory_context"] is None and self.first_input:
+            message = self.first_input(row, message)
         term = _live(self.live, terminal_id)
         if term.status == "error":
             raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
@@ -2793,6 +2833,340 @@ def delete_terminal(terminal_id: str) -> dict:
 
 
 ###############################################################################
+# Memory ######################################################################
+###############################################################################
+
+# What agents learn and keep across sessions: short notes in sqlite, ranked with
+# FTS5 where sqlite has it (LIKE otherwise). A note belongs to a scope: global,
+# the project (its git remote, else its path), the session or the agent profile.
+# The first message each new terminal gets starts with the relevant notes.
+
+MEMORY_SCOPES = ("global", "project", "session", "agent")
+MEMORY_TYPES = ("user", "feedback", "project", "reference")
+MEMORY_SEARCH_MODES = ("hybrid", "keyword", "substring")
+MEMORY_SORTS = ("score", "recency", "usage")
+MEMORY_BUDGET = 1000      # characters injected per scope
+MEMORY_PER_SCOPE = 10
+MAX_MEMORY = 16 * 1024    # characters in one memory
+MEMORY_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_REMOTE_RE = re.compile(r"(?:[a-z+]+://)?(?:[^@/]+@)?([^/:]+)(?::\d+)?[:/](.+?)(?:\.git)?/*\Z")
+
+
+def _git_remote(workdir):
+    """The normalised origin URL of the repository holding workdir, or None."""
+    try:
+        done = subprocess.run(["git", "-C", workdir, "config", "--get", "remote.origin.url"],
+                              capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    url = done.stdout.strip()
+    match = _REMOTE_RE.match(url) if done.returncode == 0 else None
+    return f"{match.group(1).lower()}/{match.group(2)}" if match else (url or None)
+
+
+def _memory_settings():
+    setting = load_settings().get("memory") or {}
+    if not isinstance(setting, dict):
+        raise ConfigError("settings.json: memory must be an object, such as {\"enabled\": true}")
+    return setting
+
+
+def memory_enabled():
+    return _memory_settings().get("enabled", True) is not False
+
+
+def _choice(value, choices, what):
+    if value not in choices:
+        raise CaoError(f"unknown {what} {value!r}; use one of {', '.join(choices)}")
+    return value
+
+
+def _memory_key(key, content):
+    if key is None:
+        words = re.findall(r"[a-z0-9]+", content.lower())[:6]
+        return "-".join(words)[:60].strip("-") or "note-" + uuid.uuid4().hex[:6]
+    if not isinstance(key, str) or not MEMORY_KEY_RE.fullmatch(key):
+        raise CaoError(f"memory key {key!r} is not a slug; use letters, digits, '.', '_' and '-' "
+                       "(up to 128 characters), such as prefer-pytest")
+    return key
+
+
+def _memory_json(row, score=None):
+    result = {"id": str(row["id"]), "key": row["key"], "memory_type": row["memory_type"],
+              "scope": row["scope"], "scope_id": row["scope_id"], "file_path": None,
+              "tags": row["tags"], "source_provider": row["source_provider"],
+              "source_terminal_id": row["source_terminal"], "content": row["content"],
+              "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
+              "access_count": row["access_count"]}
+    if score is not None:
+        result["score"] = round(score, 4)
+    return result
+
+
+class MemoryStore:
+    """Memories in the server's database, with a full-text index kept by triggers."""
+
+    def __init__(self, store):
+        self.store = store
+        self._projects = {}
+        self.fts = self._full_text_index()
+
+    def _full_text_index(self):
+        """Create the FTS5 index if this sqlite has FTS5; False means search by LIKE."""
+        try:
+            with self.store.lock:
+                fresh = not self.store.one("SELECT name FROM sqlite_master WHERE name = 'memories_fts'")
+                self.store.db.executescript("""
+                    CREATE VIRTUAL TABLE IF NOT EXISTS memories_fts USING fts5(
+                        key, content, tags, content='memories', content_rowid='id');
+                    CREATE TRIGGER IF NOT EXISTS memories_ai AFTER INSERT ON memories BEGIN
+                        INSERT INTO memories_fts(rowid, key, content, tags)
+                        VALUES (new.id, new.key, new.content, new.tags); END;
+                    CREATE TRIGGER IF NOT EXISTS memories_ad AFTER DELETE ON memories BEGIN
+                        INSERT INTO memories_fts(memories_fts, rowid, key, content, tags)
+                        VALUES ('delete', old.id, old.key, old.content, old.tags); END;
+                    CREATE TRIGGER IF NOT EXISTS memories_au AFTER UPDATE OF key, content, tags
+                        ON memories BEGIN
+                        INSERT INTO memories_fts(memories_fts, rowid, key, content, tags)
+                        VALUES ('delete', old.id, old.key, old.content, old.tags);
+                        INSERT INTO memories_fts(rowid, key, content, tags)
+                        VALUES (new.id, new.key, new.content, new.tags); END;""")
+                if fresh:
+                    self.store.db.execute("INSERT INTO memories_fts(memories_fts) VALUES ('rebuild')")
+            return True
+        except sqlite3.OperationalError as e:
+            if "fts5" not in str(e):
+                raise
+            return False
+
+    # -- scopes ------------------------------------------------------------
+    def project_of(self, workdir):
+        override = os.environ.get("CAO_PROJECT_ID") or _memory_settings().get("project_id")
+        if override:
+            return str(override)
+        if workdir not in self._projects:
+            self._projects[workdir] = _git_remote(workdir) or str(Path(workdir).resolve())
+        return self._projects[workdir]
+
+    def scope_ids(self, row):
+        """Scope -> scope id for a terminal row."""
+        return {"global": "global", "project": self.project_of(row["working_directory"] or "/"),
+                "session": row["session_name"], "agent": row["agent_profile"] or ""}
+
+    # -- writing -----------------------------------------------------------
+    def put(self, row, content, scope="project", memory_type="project", key=None, tags=None):
+        if not isinstance(content, str) or not content.strip():
+            raise CaoError("memory content is empty; pass the fact to remember as content")
+        if len(content) > MAX_MEMORY:
+            raise TooLarge(f"memory content is {len(content)} characters; the limit is {MAX_MEMORY}"
+                           " (store a summary, or split it under several keys)")
+        _choice(scope, MEMORY_SCOPES, "memory scope")
+        _choice(memory_type, MEMORY_TYPES, "memory type")
+        if tags is not None and not isinstance(tags, str):
+            tags = ",".join(tags) if isinstance(tags, list) and all(
+                isinstance(t, str) for t in tags) else None
+            if tags is None:
+                raise CaoError("tags must be a comma-separated string, such as \"testing,python\"")
+        key = _memory_key(key, content)
+        scope_id = self.scope_ids(row)[scope]
+        now = time.time()
+        with self.store.lock:
+            old = self.store.one("SELECT id FROM memories WHERE scope = ? AND scope_id = ? AND key = ?",
+                                 (scope, scope_id, key))
+            if old:
+                self.store.execute("UPDATE memories SET content = ?, memory_type = ?, tags = ?,"
+                                   " updated_at = ?, source_terminal = ? WHERE id = ?",
+                                   (content, memory_type, tags or "", now, row["id"], old["id"]))
+            else:
+                self.store.insert(
+                    "INSERT INTO memories(scope, scope_id, key, memory_type, content, tags,"
+                    " source_provider, source_terminal, created_at, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)", (scope, scope_id, key, memory_type, content,
+                                                      tags or "", row["provider"], row["id"], now, now))
+            memory = self._one(scope, scope_id, key)
+        self.store.emit("memory_stored", row["session_name"], row["id"], key=key, scope=scope)
+        return memory, "updated" if old else "created"
+
+    def _one(self, scope, scope_id, key):
+        row = self.store.one("SELECT * FROM memories WHERE scope = ? AND scope_id = ? AND key = ?",
+                             (scope, scope_id, key))
+        return _memory_json(row) if row else None
+
+    def forget(self, row, key, scope="project"):
+        _choice(scope, MEMORY_SCOPES, "memory scope")
+        scope_id = self.scope_ids(row)[scope]
+        if not self.store.execute("DELETE FROM memories WHERE scope = ? AND scope_id = ? AND key = ?",
+                                  (scope, scope_id, key)):
+            raise NotFound(f"no {scope} memory with key {key!r}; list them with memory_recall")
+        return {"success": True, "key": key, "scope": scope, "scope_id": scope_id, "action": "deleted"}
+
+    # -- reading -----------------------------------------------------------
+    def recall(self, row, query=None, scope=None, memory_type=None, limit=10,
+               search_mode="hybrid", sort_by=None, include_related=False):
+        """Memories this terminal can see (its global, project, session and agent
+        scopes), best first; recalling one counts as a use."""
+        ids = self.scope_ids(row)
+        scopes = [(_choice(scope, MEMORY_SCOPES, "memory scope"), ids[scope])] if scope else \
+            [(s, ids[s]) for s in ("session", "agent", "project", "global")]
+        found = self.search(scopes, query, memory_type, limit, search_mode, sort_by)
+        if found:
+            marks = ",".join("?" * len(found))
+            self.store.execute(f"UPDATE memories SET access_count = access_count + 1,"
+                               f" last_recalled = ? WHERE id IN ({marks})",
+                               (time.time(), *[int(m["id"]) for m in found]))
+        return found
+
+    def search(self, scopes, query=None, memory_type=None, limit=10, search_mode="hybrid",
+               sort_by=None):
+        """Memories in any of `scopes` ([(scope, scope_id)]); None as a scope id means any."""
+        _choice(search_mode, MEMORY_SEARCH_MODES, "search_mode")
+        if memory_type is not None:
+            _choice(memory_type, MEMORY_TYPES, "memory type")
+        limit = int(limit)
+        if not 1 <= limit <= 500:
+            raise CaoError(f"limit={limit} is out of range; use 1 to 500")
+        sort_by = _choice(sort_by or ("score" if query else "recency"), MEMORY_SORTS, "sort_by")
+        where = " OR ".join("(m.scope = ? AND (? IS NULL OR m.scope_id = ?))" for _ in scopes)
+        args = [a for s, sid in scopes for a in (s, sid, sid)]
+        where = f"({where or '1'}) AND (? IS NULL OR m.memory_type = ?)"
+        args += [memory_type, memory_type]
+        order = {"recency": "m.updated_at DESC", "usage": "m.access_count DESC, m.updated_at DESC",
+                 "score": "score, m.updated_at DESC"}[sort_by]
+        words = re.findall(r"\w+", query or "")
+        if words and self.fts and search_mode != "substring":
+            match = " OR ".join('"' + w.replace('"', '') + '"' for w in words[:32])
+            rows = self.store.query(
+                f"SELECT m.*, bm25(memories_fts) AS score FROM memories_fts JOIN memories m"
+                f" ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? AND {where}"
+                f" ORDER BY {order} LIMIT ?", (match, *args, limit))
+            if rows or search_mode == "keyword":
+                return [_memory_json(r, -r["score"]) for r in rows]
+        if words:  # no index, or nothing matched a word: any note containing one
+            where += " AND (" + " OR ".join("m.content LIKE ? ESCAPE '\\' OR m.key LIKE ? ESCAPE '\\'"
+                                            for _ in words[:32]) + ")"
+            for w in words[:32]:
+                pattern = "%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+                args += [pattern, pattern]
+        order = order.replace("score, ", "")
+        rows = self.store.query(f"SELECT m.* FROM memories m WHERE {where} ORDER BY {order} LIMIT ?",
+                                (*args, limit))
+        return [_memory_json(r) for r in rows]
+
+    # -- operators (REST and `cao memory`) ---------------------------------
+    def listing(self, scope=None, memory_type=None, scope_id=None, limit=100):
+        scopes = [(_choice(scope, MEMORY_SCOPES, "memory scope"), scope_id)] if scope else \
+            [(s, None) for s in MEMORY_SCOPES]
+        return self.search(scopes, None, memory_type, limit)
+
+    def get(self, key, scope=None, scope_id=None):
+        rows = self.store.query(
+            "SELECT * FROM memories WHERE key = ? AND (? IS NULL OR scope = ?)"
+            " AND (? IS NULL OR scope_id = ?) ORDER BY updated_at DESC",
+            (key, scope, scope, scope_id, scope_id))
+        if not rows:
+            raise NotFound(f"no memory with key {key!r}; list them with `cao memory list`")
+        return [_memory_json(r) for r in rows]
+
+    def delete(self, key, scope=None, scope_id=None):
+        found = self.get(key, scope, scope_id)
+        if len(found) > 1:
+            where = ", ".join(f"{m['scope']} {m['scope_id']}" for m in found)
+            raise Conflict(f"{len(found)} memories have key {key!r} ({where}); "
+                           "pick one with --scope (and --scope-id)")
+        self.store.execute("DELETE FROM memories WHERE id = ?", (int(found[0]["id"]),))
+        return {"success": True, "deleted": found}
+
+    def clear(self, scope, scope_id=None):
+        _choice(scope, MEMORY_SCOPES, "memory scope")
+        count = self.store.execute("DELETE FROM memories WHERE scope = ? AND (? IS NULL OR"
+                                   " scope_id = ?)", (scope, scope_id, scope_id))
+        return {"success": True, "deleted": count}
+
+    # -- injection ---------------------------------------------------------
+    def context(self, row, message=""):
+        """The <cao-memory> block for a terminal's first message: per scope the notes
+        most relevant to the message (else the newest), within MEMORY_BUDGET."""
+        if not memory_enabled():
+            return ""
+        ids, parts = self.scope_ids(row), []
+        for scope in ("global", "project", "agent", "session"):
+            picked, used = [], 0
+            found = self.search([(scope, ids[scope])], message, None, MEMORY_PER_SCOPE)
+            if len(found) < MEMORY_PER_SCOPE and message:
+                seen = {m["id"] for m in found}
+                found += [m for m in self.search([(scope, ids[scope])], None, None, MEMORY_PER_SCOPE)
+                          if m["id"] not in seen]
+            for memory in found[:MEMORY_PER_SCOPE]:
+                line = f"- [{memory['key']}] {' '.join(memory['content'].split())}"
+                if used + len(line) > MEMORY_BUDGET:
+                    line = line[:max(0, MEMORY_BUDGET - used - 1)] + "\u2026"
+                    if len(line) < 40:
+                        break
+                picked.append(line)
+                used += len(line)
+            if picked:
+                parts.append(f"## {scope} ({ids[scope]})\n" + "\n".join(picked))
+        if not parts:
+            return ""
+        return ("<cao-memory>\nWhat earlier agents stored with memory_store (recall more with "
+                "memory_recall):\n" + "\n".join(parts) + "\n</cao-memory>\n\n")
+
+    def preface(self, row, message):
+        """The first message a terminal gets, with its memories in front; the block
+        sent is kept for GET /terminals/{id}/memory-context."""
+        block = self.context(row, message)
+        if len(block) + len(message) > MAX_MESSAGE:
+            block = ""
+        self.store.execute("UPDATE terminals SET memory_context = ? WHERE id = ?", (block, row["id"]))
+        return block + message
+
+
+def _memory_caller(client):
+    """The agent's own terminal context for the memory routes."""
+    terminal_id = os.environ.get("CAO_TERMINAL_ID")
+    if not terminal_id:
+        raise CaoError("CAO_TERMINAL_ID is not set: cao mcp must run inside a cao terminal")
+    return {"terminal_id": check_terminal_id(terminal_id)}
+
+
+@agent_tool("remember a fact for later sessions")
+def memory_store(content: str, scope: str = "project", memory_type: str = "project",
+                 key: str | None = None, tags: str | None = None) -> dict:
+    """Store a fact that later agents should know. scope: global, project (default:
+    this repository), session or agent. memory_type: user, feedback, project or
+    reference. Storing again under the same key replaces the note. tags: comma-separated."""
+    client = Client()
+    result = client.memory_store(content=content, scope=scope, memory_type=memory_type, key=key,
+                                 tags=tags, terminal_context=_memory_caller(client))
+    memory = result["memory"]
+    return {"success": True, "key": memory["key"], "scope": memory["scope"],
+            "scope_id": memory["scope_id"], "file_path": None, "action": result["action"]}
+
+
+@agent_tool("search what earlier agents stored")
+def memory_recall(query: str | None = None, scope: str | None = None,
+                  memory_type: str | None = None, limit: int = 10,
+                  search_mode: str = "hybrid", sort_by: str | None = None,
+                  include_related: bool = False) -> dict:
+    """Find stored memories, best match first (newest first without a query). Without a
+    scope it searches this session, agent, project and global memories. search_mode:
+    hybrid, keyword or substring; sort_by: score, recency or usage."""
+    client = Client()
+    found = client.memory_recall(query=query, scope=scope, memory_type=memory_type, limit=limit,
+                                 search_mode=search_mode, sort_by=sort_by,
+                                 include_related=include_related,
+                                 terminal_context=_memory_caller(client))["memories"]
+    return {"success": True, "count": len(found), "memories": found}
+
+
+@agent_tool("delete a stored memory")
+def memory_forget(key: str, scope: str = "project") -> dict:
+    """Delete the memory stored under key in scope (default project)."""
+    client = Client()
+    return client.memory_forget(key=key, scope=scope, terminal_context=_memory_caller(client))
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -2812,6 +3186,8 @@ class App:
                                    self.typist, host, port)
         self.sessions = Sessions(store, self.terminals)
         self.inbox = Inbox(store, self.bus, self.tracker, self.terminals, self.typist)
+        self.memory = MemoryStore(store)
+        self.typist.first_input = self.memory.preface
 
     def start(self):
         self.terminals.recover()
@@ -2843,7 +3219,8 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 
 # -- requests and the route table ----------------------------------------------
 
-_JSON_KINDS = {str: "string", list: "list", int: "number", float: "number"}
+_JSON_KINDS = {str: "string", list: "list", int: "number", float: "number", dict: "object",
+               bool: "boolean"}
 
 
 class Request:
@@ -2857,13 +3234,21 @@ class Request:
             return self.query[name][-1]
         if isinstance(self.body, dict) and self.body.get(name) is not None:
             value = self.body[name]
-            if not isinstance(value, kinds) or isinstance(value, bool):
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 names = sorted({_JSON_KINDS[k] for k in kinds})
                 raise CaoError(f"parameter {name!r} must be a {' or a '.join(names)}")
             return value
         if required:
             raise CaoError(f"missing required parameter {name!r}")
         return default
+
+    def flag(self, name, default=False):
+        value = self.arg(name, default, kinds=(str, bool))
+        if isinstance(value, bool):
+            return value
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise CaoError(f"{name} must be true or false")
+        return value.lower() in ("true", "1")
 
     def number(self, name, default, low, high):
         value = self.arg(name, default, kinds=(str, int, float))
@@ -2996,6 +3381,80 @@ def _post_message(app, req):
 @route("GET", r"/terminals/(?P<id>[^/]+)/inbox/messages")
 def _list_messages(app, req):
     return app.inbox.messages(req.params["id"], req.number("limit", 10, 1, 100), req.arg("status"))
+
+
+# -- routes: memory ------------------------------------------------------------
+
+def _memory(app):
+    if not memory_enabled():
+        raise Conflict("memory is off (settings.json memory.enabled is false); turn it on to use it")
+    return app.memory
+
+
+def _memory_terminal(app, req):
+    context = req.arg("terminal_context", required=True, kinds=(dict,))
+    return app.terminals.row(context.get("terminal_id"))
+
+
+@route("POST", r"/internal/memory/store")
+def _memory_store(app, req):
+    memory, action = _memory(app).put(
+        _memory_terminal(app, req), req.arg("content", required=True),
+        req.arg("scope", "project"), req.arg("memory_type", "project"), req.arg("key"),
+        req.arg("tags", kinds=(str, list)))
+    return {"memory": memory, "action": action}
+
+
+@route("POST", r"/internal/memory/recall")
+def _memory_recall(app, req):
+    return {"memories": _memory(app).recall(
+        _memory_terminal(app, req), req.arg("query"), req.arg("scope"), req.arg("memory_type"),
+        req.number("limit", 10, 1, 500), req.arg("search_mode", "hybrid"), req.arg("sort_by"),
+        req.flag("include_related"))}
+
+
+@route("POST", r"/internal/memory/forget")
+def _memory_forget(app, req):
+    return _memory(app).forget(_memory_terminal(app, req), req.arg("key", required=True),
+                               req.arg("scope", "project"))
+
+
+@route("POST", r"/internal/memory/context")
+def _memory_context_for(app, req):
+    return {"context": _memory(app).context(_memory_terminal(app, req), req.arg("message", ""))}
+
+
+@route("GET", r"/memory")
+def _memory_list(app, req):
+    return _memory(app).listing(req.arg("scope"), req.arg("type"), req.arg("scope_id"),
+                                req.number("limit", 100, 1, 500))
+
+
+@route("DELETE", r"/memory")
+def _memory_clear(app, req):
+    return _memory(app).clear(req.arg("scope", required=True), req.arg("scope_id"))
+
+
+@route("GET", r"/memory/(?P<key>[^/]+)")
+def _memory_get(app, req):
+    return _memory(app).get(req.params["key"], req.arg("scope"), req.arg("scope_id"))
+
+
+@route("DELETE", r"/memory/(?P<key>[^/]+)")
+def _memory_delete(app, req):
+    return _memory(app).delete(req.params["key"], req.arg("scope"), req.arg("scope_id"))
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)/memory-context")
+def _terminal_memory_context(app, req):
+    row = app.terminals.row(req.params["id"])
+    return {"terminal_id": row["id"], "injected": bool(row["memory_context"]),
+            "context": row["memory_context"] or ""}
+
+
+@route("GET", r"/settings/memory")
+def _memory_settings_route(app, req):
+    return {"enabled": memory_enabled(), "learning_enabled": False}
 
 
 # -- routes: agents ------------------------------------------------------------
@@ -3442,6 +3901,7 @@ def _as_mcp_tool(func, flagged):
     and a parameter whose flag is off is not offered to the model."""
     import functools
     import inspect
+    import typing
     hidden = {name for name, flag in flagged.items() if not _flag(flag, "false")}
     signature = inspect.signature(func)
 
@@ -3451,8 +3911,11 @@ def _as_mcp_tool(func, flagged):
             return func(**arguments)
         except CaoError as e:
             return {"success": False, "error": str(e)}
+    returns = signature.return_annotation
     tool.__signature__ = signature.replace(parameters=[
-        p for name, p in signature.parameters.items() if name not in hidden])
+        p for name, p in signature.parameters.items() if name not in hidden],
+        # a dict result is also sent as structured content, which wants its value types
+        return_annotation=dict[str, typing.Any] if returns is dict else returns)
     return tool
 
 
@@ -3466,7 +3929,7 @@ def run_mcp_server():
     server = MCPServer("cao-mcp-server", instructions="Tools to delegate work to other agents "
                                                       f"of this cao session: {summaries}.")
     for func, _, flagged in AGENT_TOOLS:
-        server.tool()(_as_mcp_tool(func, flagged))
+        server.tool(structured_output=True)(_as_mcp_tool(func, flagged))
     server.run()
     return 0
 
@@ -3556,12 +4019,38 @@ def _demo_call_tool(name, arguments):
                 async with ClientSession(read, write) as session:
                     await session.initialize()
                     result = await session.call_tool(name, arguments)
-                    return json.loads(result.content[0].text)
+                    structured = getattr(result, "structured_content",  # mcp >= 2
+                                         getattr(result, "structuredContent", None))
+                    if isinstance(structured, dict):
+                        return structured
+                    text = "".join(getattr(part, "text", "") for part in result.content)
+                    try:
+                        return json.loads(text)
+                    except ValueError:
+                        return text
     return asyncio.run(call())
 
 
+def _demo_tool(rest):
+    """/tool NAME {json}: call any cao MCP tool and show its result as one JSON line."""
+    name, _, raw = rest.partition(" ")
+    try:
+        arguments = json.loads(raw) if raw.strip() else {}
+    except ValueError as e:
+        return f"error: the arguments of /tool {name} are not JSON ({e})"
+    if not isinstance(arguments, dict):
+        return "error: /tool arguments must be a JSON object, such as {\"query\": \"tests\"}"
+    return json.dumps(_demo_call_tool(name, arguments), separators=(",", ":"))
+
+
 def _demo_command(first):
-    """Run /handoff PROFILE TEXT, /assign PROFILE TEXT or /send ID|- TEXT; None if not one."""
+    """Run /handoff PROFILE TEXT, /assign PROFILE TEXT, /send ID|- TEXT or
+    /tool NAME {json}; None if not one."""
+    if first.startswith("/tool "):
+        try:
+            return _demo_tool(first[6:].strip())
+        except Exception as e:  # the demo reports any failure on screen, like an agent would
+            return f"error: {type(e).__name__}: {e}"
     parts = first.split(None, 2)
     if len(parts) < 3 or parts[0] not in ("/handoff", "/assign", "/send"):
         return None
@@ -3583,7 +4072,9 @@ def _demo_command(first):
 
 
 def demo_answer(text):
-    """The demo agent's reply to one input (only its first line counts)."""
+    """The demo agent's reply to one input (only its first line counts, after any
+    <cao-memory> block)."""
+    text = re.sub(r"\A\s*<cao-memory>.*?</cao-memory>", "", text, flags=re.S)
     first = (text.strip().split("\n") or [""])[0].strip()
     return f"done: {_demo_command(first) or first}"
 
@@ -3652,7 +4143,8 @@ def run_demo_agent(profile):
 # `send` in the group `session`.
 
 COMMANDS = []  # [(name, help, options, function)]
-COMMAND_GROUPS = {"session": "list, inspect and message sessions", "terminal": "terminal tools"}
+COMMAND_GROUPS = {"session": "list, inspect and message sessions", "terminal": "terminal tools",
+                  "memory": "what agents stored with memory_store: list, show, delete"}
 
 
 def option(*names, **kwargs):
@@ -3968,6 +4460,78 @@ def cmd_session_inbox(args):
             reason = f"  ({r['reason']})" if r["reason"] else ""
             print(f"{r['id']:>6} {r['sender_id']:<10} {r['status']:<11} {r['created_at']:<20} "
                   f"{text}{reason}")
+    return 0
+
+
+def _confirm(question, yes):
+    """True if the user agreed (or passed --yes); without a TTY, --yes is required."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CaoError(f"{question.rstrip('?')}: pass --yes to confirm (no terminal to ask on)")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+MEMORY_SCOPE = option("--scope", choices=MEMORY_SCOPES)
+MEMORY_SCOPE_ID = option("--scope-id", help="a project, session or agent name within the scope")
+YES = option("-y", "--yes", action="store_true", help="do not ask")
+
+
+def _print_memories(memories):
+    print(f"{'KEY':<28} {'SCOPE':<8} {'TYPE':<10} {'UPDATED':<20} CONTENT")
+    for m in memories:
+        text = " ".join(m["content"].split())
+        print(f"{m['key']:<28} {m['scope']:<8} {m['memory_type']:<10} {m['updated_at']:<20} "
+              f"{text[:60] + ('...' if len(text) > 60 else '')}")
+
+
+@command("memory list", "memories, newest first", MEMORY_SCOPE, MEMORY_SCOPE_ID,
+         option("--type", dest="memory_type", choices=MEMORY_TYPES),
+         option("--limit", type=int, default=100, choices=range(1, 501), metavar="1-500"),
+         option("--all", action="store_true", help="every scope (the default without --scope)"),
+         JSON_OUT)
+def cmd_memory_list(args):
+    memories = Client().memories(args.scope, args.memory_type, args.scope_id, args.limit)
+    if args.json:
+        print(json.dumps(memories, indent=2))
+    elif not memories:
+        print("No memories. Agents store them with the memory_store tool.")
+    else:
+        _print_memories(memories)
+    return 0
+
+
+@command("memory show", "one memory in full", option("key"), MEMORY_SCOPE, MEMORY_SCOPE_ID, JSON_OUT)
+def cmd_memory_show(args):
+    memories = Client().memory(args.key, args.scope, args.scope_id)
+    if args.json:
+        print(json.dumps(memories, indent=2))
+        return 0
+    for m in memories:
+        print(f"{m['key']}  ({m['scope']} {m['scope_id']}, {m['memory_type']}, updated "
+              f"{m['updated_at']}, recalled {m['access_count']}x{', tags ' + m['tags'] if m['tags'] else ''})")
+        print(m["content"].rstrip() + "\n")
+    return 0
+
+
+@command("memory delete", "delete one memory", option("key"), MEMORY_SCOPE, MEMORY_SCOPE_ID, YES)
+def cmd_memory_delete(args):
+    client = Client()
+    found = client.memory(args.key, args.scope, args.scope_id)
+    if len(found) == 1 and not _confirm(f"Delete memory {args.key} ({found[0]['scope']})?", args.yes):
+        return 1
+    client.delete_memory(args.key, args.scope, args.scope_id)
+    print(f"Deleted memory {args.key}.")
+    return 0
+
+
+@command("memory clear", "delete every memory of a scope",
+         option("--scope", choices=MEMORY_SCOPES, required=True), MEMORY_SCOPE_ID, YES)
+def cmd_memory_clear(args):
+    what = f"{args.scope} {args.scope_id}" if args.scope_id else f"every {args.scope}"
+    if not _confirm(f"Delete {what} memories?", args.yes):
+        return 1
+    print(f"Deleted {Client().clear_memory(args.scope, args.scope_id)['deleted']} memories.")
     return 0
 
 

@@ -61,6 +61,27 @@ def kill_pid(pid, sig=signal.SIGTERM, timeout=5.0):
         os.kill(pid, signal.SIGKILL)
 
 
+def call_tool(env, name, arguments, terminal_id=None):
+    """Call one tool of `cao mcp` through the MCP SDK's stdio client, as an agent CLI
+    would; returns (offered tool names, the result's JSON)."""
+    import asyncio
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+    child_env = dict(env.env)
+    if terminal_id:
+        child_env["CAO_TERMINAL_ID"] = terminal_id
+
+    async def call():
+        params = StdioServerParameters(command=CAO[0], args=CAO[1:] + ["mcp"], env=child_env)
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                tools = [t.name for t in (await session.list_tools()).tools]
+                result = await session.call_tool(name, arguments)
+                return tools, json.loads(result.content[0].text)
+    return asyncio.run(call())
+
+
 class CaoEnv:
     """A private cao installation: home dir, tmux socket, API port."""
 

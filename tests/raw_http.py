@@ -22,14 +22,17 @@ def exchange(port, data, timeout=5.0, chunks=None):
     the server closes it or timeout passes. Returns (raw bytes, closed by server)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     try:
-        if chunks:
-            start = 0
-            for size in chunks:
-                sock.sendall(data[start:start + size])
-                start += size
-            sock.sendall(data[start:])
-        else:
-            sock.sendall(data)
+        try:
+            if chunks:
+                start = 0
+                for size in chunks:
+                    sock.sendall(data[start:start + size])
+                    start += size
+                sock.sendall(data[start:])
+            else:
+                sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the rest was sent; read its answer
         received, deadline = b"", time.monotonic() + timeout
         while time.monotonic() < deadline:
             sock.settimeout(max(0.01, deadline - time.monotonic()))
