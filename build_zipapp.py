@@ -30,7 +30,7 @@ def stage(target, with_mcp):
     py_compile.compile(str(target / "cao.py"), cfile=str(target / "cao.pyc"), doraise=True,
                        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     (target / "__main__.py").write_text("import cao\ncao.cli_main()\n")
-    for folder in ("web_static", "profiles"):
+    for folder in ("web_static", "profiles", ".skills"):
         if (ROOT / folder).is_dir():
             shutil.copytree(ROOT / folder, target / folder,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

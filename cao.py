@@ -84,6 +84,10 @@ class ProfileError(CaoError):
     pass
 
 
+class Forbidden(CaoError):
+    status = 403
+
+
 class NotFound(CaoError):
     status = 404
 
@@ -106,6 +110,15 @@ class ServerUnavailable(CaoError):
 
 class WaitTimeout(CaoError):
     status = 504
+
+
+class StepFailed(CaoError):
+    """A run-step that ran but did not answer: its detail is an object that says
+    which kind of failure (error, timeout) and which worker, for the caller to act on."""
+
+    def __init__(self, status, kind=None, message="", **fields):
+        super().__init__(message)
+        self.status, self.detail = status, {"message": message, "kind": kind, **fields}
 
 
 ###############################################################################
@@ -157,7 +170,7 @@ def _check_profile_name(name):
 
 # Profiles are Markdown with YAML frontmatter. Only the YAML that profiles use is
 # parsed: block maps and lists, flow lists and maps one level deep, quoted and
-# plain scalars, block scalars. Anything else is an error naming file and line.
+# plain scalars (plain ones may go on over deeper lines), block scalars. Anything else is an error naming file and line.
 
 _YAML_BOOLS = {"true": True, "yes": True, "on": True,
                "false": False, "no": False, "off": False}
@@ -271,6 +284,10 @@ class _YamlSubset:
             elif rest[0] in "|>":
                 result[key] = self.block_scalar(rest, line, indent)
             else:
+                if rest[0] not in "\"'[{":  # a plain value goes on over deeper lines
+                    while self.pos < len(self.lines) and self.lines[self.pos].indent > indent:
+                        rest += " " + self.lines[self.pos].text
+                        self.pos += 1
                 result[key] = self.inline(rest, line)
         return result
 
@@ -958,8 +975,12 @@ class Client:
         except ValueError:  # not cao's JSON: one line of whatever answered
             result = {"detail": " ".join(data.decode(errors="replace").split())[:200]}
         if resp.status >= 400:
-            error = {404: NotFound, 409: Conflict, 413: TooLarge}.get(resp.status, CaoError)
-            raise error(result.get("detail") if isinstance(result, dict) else str(result))
+            detail = result.get("detail") if isinstance(result, dict) else str(result)
+            if isinstance(detail, dict):
+                raise StepFailed(resp.status, **detail)
+            error = {403: Forbidden, 404: NotFound, 409: Conflict, 413: TooLarge}.get(
+                resp.status, CaoError)
+            raise error(detail)
         return result
 
     # -- routes ------------------------------------------------------------
@@ -1017,6 +1038,26 @@ class Client:
 
     def profile(self, name):
         return self.call("GET", f"/agents/profiles/{name}")
+
+    def run_step(self, body, timeout):
+        return self.call("POST", "/terminals/run-step", body=body, timeout=timeout)
+
+    def handoff_result(self, job_id):
+        return self.call("GET", f"/handoff-results/{job_id}")
+
+    def answer(self, terminal_id, answer):
+        return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/answer",
+                         body={"answer": answer})
+
+    def siblings(self, terminal_id, depth=None, cross_session=False):
+        return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/siblings",
+                         {"depth": depth, "cross_session": "true" if cross_session else None})
+
+    def skills(self):
+        return self.call("GET", "/skills")
+
+    def skill(self, name):
+        return self.call("GET", f"/skills/{name}")
 
     def memory_store(self, **body):
         return self.call("POST", "/internal/memory/store", body=body)
@@ -1107,6 +1148,15 @@ MIGRATIONS = [
     CREATE INDEX memories_recent ON memories(scope, scope_id, updated_at);
     ALTER TABLE terminals ADD COLUMN memory_context TEXT;
     UPDATE terminals SET memory_context = '';
+    """,
+    """
+    ALTER TABLE terminals ADD COLUMN description TEXT;
+    ALTER TABLE terminals ADD COLUMN model TEXT;
+    ALTER TABLE terminals ADD COLUMN worktree TEXT;
+    CREATE TABLE handoff_jobs (
+        job_id TEXT PRIMARY KEY, caller_id TEXT, terminal_id TEXT, agent_profile TEXT,
+        state TEXT NOT NULL, last_message TEXT, error_message TEXT,
+        created_at REAL NOT NULL, finished_at REAL);
     """,
 ]
 EVENTS_KEPT = 10000
@@ -1729,6 +1779,8 @@ SYSTEM_TREES = ("/bin", "/sbin", "/usr", "/etc", "/var", "/dev", "/proc", "/sys"
 SCRATCH_TREES = ("/tmp", "/var/tmp", "/private/tmp", "/private/var/tmp", "/private/var/folders")
 SHARED_ROOTS = ("/", "/home", "/Users", "/mnt", "/media", "/opt", "/srv", "/private")
 HOME_PARENTS = ("/home", "/Users")
+MAX_ANSWER = 4000
+ANSWER_KEY_RE = re.compile(r"[0-9yYnN]|Enter|Escape|Up|Down|Tab")
 KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-z0-9]|[CMS]-[A-Za-z0-9])")
 WINDOW_ENV_KEYS = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "SHELL",
                    "SSH_AUTH_SOCK", "XDG_RUNTIME_DIR")
@@ -2003,6 +2055,53 @@ class PaneWatcher(threading.Thread):
             pane.dirty_since = time.monotonic() + 0.05 * pane.eof_checks
         else:
             self._add(terminal_id, pane.pane_id)  # the pipe was replaced; take it back
+
+
+MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+MAX_DESCRIPTION = 500
+
+
+def check_model(model):
+    if not isinstance(model, str) or not MODEL_RE.fullmatch(model):
+        raise CaoError(f"model {model!r} is not a model id; use letters, digits and ._:/@+- "
+                       "(up to 128), such as claude-sonnet-4-5")
+    return model
+
+
+def check_description(description):
+    if description is None:
+        return None
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+        raise CaoError(f"description must be text of at most {MAX_DESCRIPTION} characters")
+    return " ".join(description.split()) or None
+
+
+def _git(*args, cwd=None):
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CaoError(f"git {args[0]} failed: {e}")
+    return done
+
+
+def worktree_add(workdir, path, branch):
+    """A git worktree of workdir's repository at path, on a new branch from its HEAD."""
+    top = _git("rev-parse", "--show-toplevel", cwd=workdir)
+    if top.returncode != 0:
+        raise CaoError(f"use_worktree needs a git repository, and {workdir} is not in one; "
+                       "run `git init` there or leave use_worktree off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = _git("worktree", "add", "-q", "-b", branch, str(path), "HEAD", cwd=workdir)
+    if done.returncode != 0:
+        raise CaoError(f"git worktree add failed: {' '.join(done.stderr.split())[:300]}")
+    return {"path": str(path), "repo": top.stdout.strip(), "branch": branch}
+
+
+def worktree_remove(worktree):
+    """Remove a worker's worktree; its branch is kept only if it has commits of its own."""
+    repo = worktree["repo"]
+    _git("worktree", "remove", "--force", worktree["path"], cwd=repo)
+    _git("branch", "-d", worktree["branch"], cwd=repo)  # -d refuses a branch with new work
 
 
 class Terminal:
@@ -2283,6 +2382,22 @@ class TerminalInput:
                          enter_first=False)
             self._submitted(term, row["session_name"], message)
 
+    def answer(self, terminal_id, answer):
+        """Answer a terminal that is waiting on a question: a key for a choice, else text."""
+        if not isinstance(answer, str) or not answer.strip() or len(answer) > MAX_ANSWER:
+            raise CaoError(f"answer must be non-empty text of at most {MAX_ANSWER} characters")
+        status = self.tracker.status(terminal_row(self.store, terminal_id)["id"])
+        if status != "waiting_user_answer":
+            raise Conflict(f"terminal {terminal_id} is {status}, not waiting_user_answer; "
+                           "there is no question to answer")
+        if ANSWER_KEY_RE.fullmatch(answer.strip()):
+            self.send_key(terminal_id, answer.strip())
+            self.watcher.poke(terminal_id)
+        else:
+            self.send(terminal_id, answer)
+        return {"success": True, "terminal_id": terminal_id, "status": "answered",
+                "message": f"answered terminal {terminal_id}"}
+
     def send_key(self, terminal_id, key):
         if not isinstance(key, str) or not KEY_RE.fullmatch(key):
             raise CaoError(f"unsupported key {key!r}; use a tmux key name such as Enter, "
@@ -2308,6 +2423,7 @@ class Terminals:
         self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
         self.tracker, self.typist, self.host, self.port = tracker, typist, host, port
         self.home = ensure_home()
+        self.launch_hooks = []  # (profile, provider entry, launch fields) -> None; may edit fields
 
     def recover(self):
         """Take back the terminals whose windows outlived a server restart."""
@@ -2335,6 +2451,8 @@ class Terminals:
                 "working_directory": row["working_directory"],
                 "tmux_session": row["session_name"], "tmux_window": row["window_name"],
                 "status": self.tracker.status(row["id"]) or row["status"],
+                "description": row["description"], "model": row["model"],
+                "worktree": json.loads(row["worktree"])["path"] if row["worktree"] else None,
                 "last_active": _iso(row["last_active"])}
 
     def get(self, terminal_id):
@@ -2357,14 +2475,51 @@ class Terminals:
             return answer
         raise CaoError(f"unknown output mode {mode!r}; use full or last")
 
+    def siblings(self, terminal_id, depth=None, cross_session=False):
+        """The other terminals a terminal may see: its session's (every session's with
+        cross_session), within `depth` hops along who-assigned-whom if given. Only for
+        a terminal whose tools include `discovery` (or that is unrestricted)."""
+        row = self.row(terminal_id)
+        tools = json.loads(row["allowed_tools"]) if row["allowed_tools"] else None
+        if tools is not None and "*" not in tools and "discovery" not in tools:
+            raise Forbidden(f"terminal {terminal_id} may not list its siblings: add `discovery` "
+                            "to its profile's allowedTools")
+        rows = self.store.query("SELECT * FROM terminals WHERE ? OR session_name = ? "
+                                "ORDER BY created_at, rowid", (bool(cross_session), row["session_name"]))
+        if depth is not None:
+            links = {}
+            for r in rows:
+                if r["caller_id"]:
+                    links.setdefault(r["id"], set()).add(r["caller_id"])
+                    links.setdefault(r["caller_id"], set()).add(r["id"])
+            near, frontier = {terminal_id}, {terminal_id}
+            for _ in range(depth):
+                frontier = {n for t in frontier for n in links.get(t, ())} - near
+                near |= frontier
+            rows = [r for r in rows if r["id"] in near]
+        return [{"id": r["id"], "group": r["session_name"], "status": self.tracker.status(r["id"])
+                 or r["status"], "metadata": {"agent_profile": r["agent_profile"],
+                                              "provider": r["provider"], "caller_id": r["caller_id"],
+                                              "description": r["description"]}}
+                for r in rows if r["id"] != terminal_id]
+
+    def set_description(self, terminal_id, description):
+        self.row(terminal_id)
+        self.store.execute("UPDATE terminals SET description = ? WHERE id = ?",
+                           (check_description(description), terminal_id))
+        return self.get(terminal_id)
+
     def working_directory(self, terminal_id):
         row = self.row(terminal_id)
         return tmux_pane_info(row["pane_id"], "#{pane_current_path}") or row["working_directory"]
 
     # -- creation ----------------------------------------------------------
     def create(self, session_name, agent_profile, provider=None, working_directory=None,
-               allowed_tools=None, caller_id=None, new_session=False, initial_message=None):
+               allowed_tools=None, caller_id=None, new_session=False, initial_message=None,
+               model=None, description=None, use_worktree=False):
         profile = load_profile(agent_profile)
+        model = check_model(model) if model is not None else profile.get("model")
+        description = check_description(description)
         if provider is None:
             provider = profile.get("provider") or load_settings().get("default_provider") \
                 or DEFAULT_PROVIDER
@@ -2385,11 +2540,18 @@ class Terminals:
         if caller_id is not None:
             self.row(caller_id)
         terminal_id = uuid.uuid4().hex[:8]
+        worktree = None
+        if use_worktree:
+            worktree = worktree_add(workdir, self.home / "worktrees" / terminal_id,
+                                    f"cao/{profile['name']}-{terminal_id}")
+            workdir = worktree["path"]
         # The frontmatter name is free text; tmux expands formats in window names.
         window = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(profile["name"]))[:48] + f"-{terminal_id[:4]}"
         env = self._window_env(terminal_id)
-        argv, extra_env, files = launch_plan(spec, self._launch_fields(
-            spec, profile, terminal_id, workdir, tools, env))
+        fields = self._launch_fields(spec, profile, terminal_id, workdir, tools, env, model)
+        for hook in self.launch_hooks:
+            hook(profile, spec, fields)
+        argv, extra_env, files = launch_plan(spec, fields)
         env.update(extra_env)
         context_dir = self.home / "terminals" / terminal_id
         for name, content in files.items():
@@ -2401,16 +2563,19 @@ class Terminals:
                                (session_name, workdir, profile["name"], now))
         self.store.execute(
             "INSERT INTO terminals(id, session_name, window_name, provider, agent_profile,"
-            " working_directory, allowed_tools, caller_id, status, created_at, last_active)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " working_directory, allowed_tools, caller_id, status, created_at, last_active,"
+            " model, description, worktree) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (terminal_id, session_name, window, provider, profile["name"], workdir,
-             json.dumps(tools) if tools else None, caller_id, "unknown", now, now))
+             json.dumps(tools) if tools else None, caller_id, "unknown", now, now,
+             model, description, json.dumps(worktree) if worktree else None))
         try:
             pane_id = tmux_spawn(session_name, window, workdir, env, argv, new_session)
         except CaoError:
             self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
             if new_session:
                 self.store.execute("DELETE FROM sessions WHERE name = ?", (session_name,))
+            if worktree:
+                worktree_remove(worktree)
             raise
         self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane_id, terminal_id))
         self.live[terminal_id] = Terminal(terminal_id)
@@ -2426,7 +2591,7 @@ class Terminals:
             self.tracker.wait_ready(terminal_id, self._init_timeout(profile))
         return self.get(terminal_id)
 
-    def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env):
+    def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env, model):
         prompt = profile.get("system_prompt") or ""
         restricted = tools is not None and "*" not in tools
         disallowed = []
@@ -2448,7 +2613,7 @@ class Terminals:
                                  **spec.get("mcp_server_keys", {})}
         hook = self_command() + ["hook"]
         return {"profile": profile["name"], "terminal_id": terminal_id, "system_prompt": prompt,
-                "model": profile.get("model") or "", "working_directory": workdir,
+                "model": model or "", "working_directory": workdir,
                 "context_dir": str(self.home / "terminals" / terminal_id),
                 "cao": self_command(), "mcp_command": mcp_argv[0], "mcp_args": mcp_argv[1:],
                 "mcp_argv": mcp_argv, "mcp_env": mcp_env, "mcp_servers": servers,
@@ -2501,7 +2666,10 @@ class Terminals:
 
     def forget(self, terminal_id, reason):
         """Drop every trace of a terminal; the last one of a session ends the session."""
-        row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
+        row = self.store.one("SELECT session_name, worktree FROM terminals WHERE id = ?",
+                             (terminal_id,))
+        if row and row["worktree"]:
+            worktree_remove(json.loads(row["worktree"]))
         self.watcher.remove(terminal_id)
         self.live.pop(terminal_id, None)
         shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
@@ -2552,7 +2720,7 @@ class Sessions:
         return {"session": self._to_json(row), "terminals": self.terminals.in_session(row["name"])}
 
     def create(self, agent_profile, provider=None, session_name=None, working_directory=None,
-               allowed_tools=None, initial_message=None):
+               allowed_tools=None, initial_message=None, model=None, use_worktree=False):
         name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
         if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
                 name in tmux_sessions():
@@ -2560,7 +2728,8 @@ class Sessions:
                            f"or run `cao shutdown --session {name}`")
         return self.terminals.create(name, agent_profile, provider, working_directory,
                                      allowed_tools, new_session=True,
-                                     initial_message=initial_message)
+                                     initial_message=initial_message, model=model,
+                                     use_worktree=use_worktree)
 
     def delete(self, name):
         name = self.get(name)["session"]["name"]
@@ -2726,6 +2895,125 @@ class Inbox:
 
 
 
+class Handoffs:
+    """Handoffs the server runs (POST /terminals/run-step): start the worker, give it
+    the prompt, wait for its answer, remove it. Each carries the caller's job id, and
+    its result is kept under it, so an answer that comes after the caller stopped
+    waiting is not lost: get_handoff_result fetches it later."""
+
+    def __init__(self, store, terminals, typist, tracker):
+        self.store, self.terminals, self.typist, self.tracker = store, terminals, typist, tracker
+
+    def recover(self):
+        """Jobs a restart interrupted: follow the ones whose worker is still there."""
+        for job in self.store.query("SELECT * FROM handoff_jobs WHERE state = 'running'"):
+            if job["terminal_id"] and self.tracker.status(job["terminal_id"]):
+                self._follow(job["job_id"], job["terminal_id"], teardown=False)
+            else:
+                self._finish(job["job_id"], "error", error="the worker was gone after a server restart")
+
+    def result(self, job_id):
+        job = self.store.one("SELECT * FROM handoff_jobs WHERE job_id = ?", (_job_id(job_id),))
+        if not job:
+            raise NotFound(f"no handoff job {job_id}; it was never started here")
+        return {"job_id": job["job_id"], "state": job["state"], "terminal_id": job["terminal_id"],
+                "agent_profile": job["agent_profile"], "caller_id": job["caller_id"],
+                "last_message": job["last_message"], "error_message": job["error_message"],
+                "created_at": _iso(job["created_at"]), "finished_at": _iso(job["finished_at"])}
+
+    def run_step(self, agent, prompt, provider=None, session_name=None, reuse_terminal_id=None,
+                 teardown=True, timeout=600.0, working_directory=None, caller_id=None,
+                 allowed_tools=None, model=None, description=None, use_worktree=False, job_id=None):
+        check_message(prompt)
+        job_id = _job_id(job_id) if job_id is not None else uuid.uuid4().hex
+        try:
+            self.store.insert("INSERT INTO handoff_jobs(job_id, caller_id, agent_profile, state,"
+                              " created_at) VALUES (?,?,?,?,?)",
+                              (job_id, caller_id, agent, "running", time.time()))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"handoff job {job_id} already exists; use a new job_id")
+        try:
+            if reuse_terminal_id:
+                worker, teardown = self.terminals.get(reuse_terminal_id), False
+            elif session_name:
+                worker = self.terminals.create(session_name, agent, provider, working_directory,
+                                               allowed_tools, caller_id, model=model,
+                                               description=description, use_worktree=use_worktree)
+            else:
+                worker = self.terminals.create(f"step-{job_id[:8]}", agent, provider,
+                                               working_directory, allowed_tools, caller_id,
+                                               new_session=True, model=model,
+                                               description=description, use_worktree=use_worktree)
+            wid = worker["id"]
+            self.store.execute("UPDATE handoff_jobs SET terminal_id = ? WHERE job_id = ?", (wid, job_id))
+            self.typist.send(wid, prompt)
+        except CaoError as e:
+            self._finish(job_id, "error", error=str(e))
+            raise
+        status = self._wait(wid, ("completed", "idle", "waiting_user_answer", "error"), timeout)
+        if status in ("completed", "idle"):
+            return self._answer(job_id, wid, teardown)
+        self._follow(job_id, wid, teardown=False)  # kept for inspection; its answer still counts
+        if status == "error" or status is None:
+            raise StepFailed(502, "error", f"worker {wid} exited before answering",
+                             terminal_id=wid, job_id=job_id)
+        if status == "waiting_user_answer":
+            raise StepFailed(502, "error", f"worker {wid} is waiting for an answer to its own "
+                             "question (answer it with answer_user_prompt); it is kept",
+                             terminal_id=wid, job_id=job_id)
+        raise StepFailed(504, "timeout", f"worker {wid} did not finish within {timeout:g} s; it "
+                         "keeps working and its answer is kept for get_handoff_result",
+                         terminal_id=wid, job_id=job_id)
+
+    def _wait(self, terminal_id, wanted, timeout):
+        self.store.wait_until(lambda: self.tracker.status(terminal_id) in wanted + (None,), timeout)
+        return self.tracker.status(terminal_id)
+
+    def _answer(self, job_id, terminal_id, teardown):
+        try:
+            answer = self.terminals.output(terminal_id, "last")
+        except CaoError as e:
+            self._finish(job_id, "error", error=str(e))
+            raise StepFailed(502, "error", f"worker {terminal_id} finished but its answer could "
+                             f"not be read: {e}", terminal_id=terminal_id, job_id=job_id)
+        self._finish(job_id, "completed", answer)
+        if teardown:
+            try:
+                self.typist.exit(terminal_id)
+                self.terminals.delete(terminal_id)
+            except CaoError:
+                pass  # the answer is what the caller needs; a worker that went by itself is fine
+        return {"terminal_id": terminal_id, "last_message": answer, "status": "completed",
+                "replayed": False, "job_id": job_id}
+
+    def _follow(self, job_id, terminal_id, teardown):
+        """Wait in the background for a worker the caller stopped waiting for."""
+        def follow():
+            status = self._wait(terminal_id, ("completed", "idle", "error"), 7 * 24 * 3600)
+            if status in ("completed", "idle"):
+                try:
+                    self._answer(job_id, terminal_id, teardown)
+                except StepFailed:
+                    pass
+            else:
+                self._finish(job_id, "error", error=f"worker {terminal_id} "
+                             + ("was removed" if status is None else "exited") + " before answering")
+        threading.Thread(target=follow, daemon=True, name=f"handoff-{job_id[:8]}").start()
+
+    def _finish(self, job_id, state, answer=None, error=None):
+        self.store.execute("UPDATE handoff_jobs SET state = ?, last_message = ?, error_message = ?,"
+                           " finished_at = ? WHERE job_id = ? AND state = 'running'",
+                           (state, answer, error, time.time(), job_id))
+
+
+def _job_id(job_id):
+    if not isinstance(job_id, str) or not re.fullmatch(r"[0-9a-f]{32}", job_id):
+        raise CaoError(f"job_id {job_id!r} is not a job id; use 32 lowercase hex digits "
+                       "(uuid4().hex)")
+    return job_id
+
+
+
 # -- orchestration: the agents' tools ------------------------------------------
 # handoff, assign, send_message and delete_terminal run in `cao mcp`, inside an
 # agent's CLI, and act through the Client. Each is registered once here; the MCP
@@ -2749,15 +3037,16 @@ def _caller(client):
     return client.terminal(terminal_id)
 
 
-def _start_worker(client, caller, agent_profile, working_directory, initial_message=None):
+def _worker_body(client, caller, agent_profile, working_directory):
+    """Where and as what a worker of the caller starts."""
     _check_profile_name(agent_profile)
     profile = client.profile(agent_profile)
-    body = {"agent_profile": agent_profile, "caller_id": caller["id"],
-            "provider": profile.get("provider") or caller["provider"],
+    return {"caller_id": caller["id"], "provider": profile.get("provider") or caller["provider"],
             "working_directory": working_directory or client.working_directory(caller["id"])}
-    if initial_message is not None:
-        body["initial_message"] = initial_message
-    return client.create_terminal(caller["session_name"], **body)
+
+
+def _options(**values):
+    return {k: v for k, v in values.items() if v not in (None, False)}
 
 
 _WORKDIR_FLAG = {"working_directory": "CAO_ENABLE_WORKING_DIRECTORY"}
@@ -2765,49 +3054,91 @@ _WORKDIR_FLAG = {"working_directory": "CAO_ENABLE_WORKING_DIRECTORY"}
 
 @agent_tool("wait for a worker's answer", _WORKDIR_FLAG)
 def handoff(agent_profile: str, message: str, timeout: int = 600,
-            working_directory: str | None = None) -> dict:
+            working_directory: str | None = None, model: str | None = None,
+            description: str | None = None, use_worktree: bool = False) -> dict:
     """Hand a task to a new worker agent, wait until it finishes and return its
-    answer; the worker is removed afterwards. timeout is 1-3600 seconds."""
+    answer; the worker is removed afterwards. timeout is 1-3600 seconds; a worker
+    still busy then keeps going, and get_handoff_result(job_id) returns its answer
+    later. model picks the worker's model; use_worktree runs it in its own git
+    worktree on a new branch from your HEAD."""
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
             or not 1 <= timeout <= 3600:
         raise CaoError(f"timeout={timeout!r} is out of range; use 1 to 3600 seconds")
     client = Client()
     caller = _caller(client)
     started = time.monotonic()
-    worker = _start_worker(client, caller, agent_profile, working_directory)
-    wid = worker["id"]
-    client.send_input(wid, message)
-    try:  # no progress line: stderr may be an agent's pane
-        status = client.wait_for_status(wid, DONE_STATUSES, timeout)
-    except WaitTimeout:
-        return {"success": False, "output": None, "terminal_id": wid,
-                "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "
-                           "so you can inspect it (delete_terminal when done)"}
-    if status not in ("completed", "idle"):
-        return {"success": False, "output": None, "terminal_id": wid,
-                "message": f"Handoff failed: worker {wid} is {status}; it is kept for inspection"}
-    output = client.output(wid, "last")
-    client.exit_terminal(wid)
-    client.delete_terminal(wid)
-    return {"success": True, "output": output, "terminal_id": wid,
-            "message": f"Successfully handed off to {agent_profile} ({worker['provider']}) "
-                       f"in {time.monotonic() - started:.1f}s"}
+    job_id = uuid.uuid4().hex
+    body = {**_worker_body(client, caller, agent_profile, working_directory),
+            "agent": agent_profile, "prompt": message, "timeout": timeout, "job_id": job_id,
+            "session_name": caller["session_name"],
+            **_options(model=model, description=description, use_worktree=use_worktree)}
+    try:
+        step = client.run_step(body, timeout + 60)
+    except StepFailed as e:
+        wid = e.detail.get("terminal_id")
+        if e.detail.get("kind") == "timeout":
+            return {"success": False, "pending": True, "job_id": job_id, "output": None,
+                    "terminal_id": wid,
+                    "message": f"Handoff timed out after {timeout:g} seconds; worker {wid} is kept "
+                               f"and keeps working: get_handoff_result(job_id={job_id!r}) returns "
+                               "its answer when it has one (delete_terminal when done)"}
+        return {"success": False, "output": None, "terminal_id": wid, "job_id": job_id,
+                "message": f"Handoff failed: {e}"}
+    except ServerUnavailable as e:
+        return {"success": False, "pending": True, "job_id": job_id, "output": None,
+                "terminal_id": None, "message": f"Handoff interrupted ({e}); get_handoff_result("
+                                                f"job_id={job_id!r}) tells how it ended"}
+    return {"success": True, "output": step["last_message"], "terminal_id": step["terminal_id"],
+            "job_id": job_id, "message": f"Successfully handed off to {agent_profile} "
+                                         f"({body['provider']}) in {time.monotonic() - started:.1f}s"}
 
 
 @agent_tool("start a worker; it reports back with send_message", _WORKDIR_FLAG)
-def assign(agent_profile: str, message: str, working_directory: str | None = None) -> dict:
+def assign(agent_profile: str, message: str, working_directory: str | None = None,
+           model: str | None = None, description: str | None = None,
+           use_worktree: bool = False) -> dict:
     """Start a worker agent on a task and return its terminal id at once; the
-    worker sends its results back to you with send_message."""
+    worker sends its results back to you with send_message. model picks the
+    worker's model; use_worktree runs it in its own git worktree on a new branch."""
     client = Client()
     caller = _caller(client)
     if _flag("CAO_ENABLE_SENDER_ID_INJECTION", "true"):
         message += (f"\n\n[Assigned by terminal {caller['id']}. When done, send results back "
                     f"to terminal {caller['id']} using send_message]")
-    worker = _start_worker(client, caller, agent_profile, working_directory,
-                           initial_message=message)
+    worker = client.create_terminal(
+        caller["session_name"], agent_profile=agent_profile, initial_message=message,
+        **_worker_body(client, caller, agent_profile, working_directory),
+        **_options(model=model, description=description, use_worktree=use_worktree))
     return {"success": True, "terminal_id": worker["id"],
             "message": f"Task assigned to {agent_profile} (terminal: {worker['id']}). It will "
                        "report back with send_message; call delete_terminal when done with it."}
+
+
+@agent_tool("the answer of a handoff that timed out")
+def get_handoff_result(job_id: str) -> dict:
+    """The state of a handoff by its job_id (from a handoff that timed out):
+    running, completed (with last_message) or error (with error_message)."""
+    job = Client().handoff_result(job_id)
+    return {"success": True, **{k: job[k] for k in ("state", "terminal_id", "last_message",
+                                                     "error_message")}}
+
+
+@agent_tool("answer a worker that waits on a question")
+def answer_user_prompt(terminal_id: str, answer: str) -> dict:
+    """Answer a worker whose status is waiting_user_answer (an approval or a
+    question on its screen). answer is text to type, or a key: a digit to pick a
+    numbered choice, y, n, Enter, Escape, Up, Down or Tab."""
+    return Client().answer(terminal_id, answer)
+
+
+@agent_tool("other agents near you (needs discovery)")
+def list_siblings(depth: int | None = None, cross_session: bool = False) -> dict:
+    """Other terminals of your session (every session with cross_session) with
+    their status, profile and description; depth limits them to that many hops
+    along who-assigned-whom. Needs `discovery` in your profile's allowedTools."""
+    client = Client()
+    caller = _caller(client)
+    return {"success": True, "siblings": client.siblings(caller["id"], depth, cross_session)}
 
 
 @agent_tool("to another terminal's inbox")
@@ -3167,6 +3498,207 @@ def memory_forget(key: str, scope: str = "project") -> dict:
 
 
 ###############################################################################
+# Skills ######################################################################
+###############################################################################
+
+# A skill is a folder holding SKILL.md: frontmatter `name` (the folder's name) and
+# `description`, then the guide itself. cao keeps them in CAO_HOME_DIR/skills,
+# reads more from settings.json skills.extra_dirs, and gives each agent the ones
+# its profile's `skills:` patterns allow: in the CLI's own skill folder where its
+# provider entry names one, else as a catalog in the system prompt that the agent
+# opens with the load_skill tool.
+
+SKILL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+BUILTIN_SKILLS = ("cao-supervisor-protocols", "cao-worker-protocols")
+MAX_SKILL_FILES, MAX_SKILL_BYTES = 500, 10 << 20
+SEED_MARK = ".cao-seeded"
+
+
+def _skill_meta(folder):
+    """(name, description, body) of the skill in folder; an error names the fix."""
+    manifest = folder / "SKILL.md"
+    if not manifest.is_file() or manifest.is_symlink():
+        raise CaoError(f"{folder} has no SKILL.md; a skill is a folder with a SKILL.md file")
+    try:
+        text = read_inside(manifest, folder)
+    except OSError as e:
+        raise CaoError(f"{manifest}: {e.strerror or e}")
+    meta, body = parse_frontmatter(text, str(manifest))
+    name, description = meta.get("name"), meta.get("description")
+    if not isinstance(name, str) or not SKILL_NAME_RE.fullmatch(name):
+        raise CaoError(f"{manifest}: frontmatter `name` must be a lowercase name such as "
+                       f"code-review (got {name!r})")
+    if name != folder.name:
+        raise CaoError(f"{manifest}: name {name!r} differs from its folder {folder.name!r}; "
+                       "rename one to match")
+    if not isinstance(description, str) or not description.strip():
+        raise CaoError(f"{manifest}: frontmatter needs a `description` that says when to use it")
+    return name, " ".join(description.split()), body.strip() + "\n"
+
+
+def _check_skill_tree(folder):
+    """No links and nothing huge inside a skill that is about to be copied."""
+    count = size = 0
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            raise CaoError(f"{path} is a symbolic link; a skill holds plain files only")
+        if path.is_file():
+            count, size = count + 1, size + path.stat().st_size
+        elif not path.is_dir():
+            raise CaoError(f"{path} is not a plain file; a skill holds plain files only")
+    if count > MAX_SKILL_FILES or size > MAX_SKILL_BYTES:
+        raise CaoError(f"{folder} holds {count} files and {size} bytes; a skill may hold up to "
+                       f"{MAX_SKILL_FILES} files and {MAX_SKILL_BYTES >> 20} MiB")
+
+
+def skill_dirs():
+    """settings.json skills.extra_dirs, each an existing folder."""
+    setting = load_settings().get("skills") or {}
+    extra = setting.get("extra_dirs", []) if isinstance(setting, dict) else None
+    if not isinstance(extra, list) or not all(isinstance(d, str) and d for d in extra):
+        raise ConfigError("settings.json: skills.extra_dirs must be a list of folder paths")
+    return [Path(d).expanduser() for d in extra]
+
+
+class SkillStore:
+    """The installed skills: CAO_HOME_DIR/skills first, then the extra folders."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def _folders(self):
+        yield "cao", self.root
+        for extra in skill_dirs():
+            yield str(extra), extra
+
+    def all(self):
+        """name -> skill; a name the store has wins over the same name in an extra folder.
+        A folder that is not a valid skill is listed in `problems`."""
+        skills, self.problems = {}, []
+        for source, base in self._folders():
+            if not base.is_dir():
+                continue
+            for folder in sorted(base.iterdir()):
+                if not folder.is_dir() or folder.name.startswith("."):
+                    continue
+                try:
+                    name, description, _ = _skill_meta(folder)
+                except CaoError as e:
+                    self.problems.append(str(e))
+                    continue
+                skills.setdefault(name, {"name": name, "description": description,
+                                         "source": source, "path": str(folder)})
+        return skills
+
+    def listing(self):
+        return sorted(self.all().values(), key=lambda s: s["name"])
+
+    def get(self, name):
+        if not isinstance(name, str) or not SKILL_NAME_RE.fullmatch(name):
+            raise CaoError(f"invalid skill name {name!r}; skill names are lowercase letters, "
+                           "digits, '.', '_' and '-'")
+        skill = self.all().get(name)
+        if not skill:
+            raise NotFound(f"skill {name!r} is not installed; see `cao skills list`")
+        _, description, body = _skill_meta(Path(skill["path"]))
+        return {**skill, "content": body}
+
+    def for_profile(self, profile):
+        """The skills a profile's `skills:` patterns allow (all without the key)."""
+        import fnmatch
+        wanted = profile.get("skills")
+        if wanted is not None and not (isinstance(wanted, list) and all(
+                isinstance(p, str) for p in wanted)):
+            raise ProfileError(f"profile {profile['name']}: skills must be a list of skill "
+                               "names or patterns, such as [cao-worker-protocols, review-*]")
+        return [s for s in self.listing()
+                if wanted is None or any(fnmatch.fnmatchcase(s["name"], p) for p in wanted)]
+
+    def add(self, source, force=False):
+        folder = Path(source).expanduser()
+        if folder.is_symlink() or not folder.is_dir():
+            raise CaoError(f"{source} is not a folder; pass the skill's folder (holding SKILL.md)")
+        folder = folder.resolve()
+        name, _, _ = _skill_meta(folder)
+        _check_skill_tree(folder)
+        target = self.root / name
+        if target.exists() and not force:
+            raise Conflict(f"skill {name} is already installed; add --force to replace it")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staged = self.root / f".{name}.{uuid.uuid4().hex[:8]}.new"
+        shutil.copytree(folder, staged)
+        old = None
+        if target.exists():
+            old = self.root / f".{name}.{uuid.uuid4().hex[:8]}.old"
+            target.rename(old)
+        staged.rename(target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return {"name": name, "path": str(target), "replaced": old is not None}
+
+    def remove(self, name):
+        if not isinstance(name, str) or not SKILL_NAME_RE.fullmatch(name):
+            raise CaoError(f"invalid skill name {name!r}")
+        target = self.root / name
+        if not (target / "SKILL.md").is_file() or target.is_symlink():
+            raise NotFound(f"skill {name} is not in {self.root}; see `cao skills list` "
+                           "(skills in extra folders are removed there)")
+        shutil.rmtree(target)
+        return {"name": name, "removed": True}
+
+    def seed(self):
+        """Install the built-in skills; a copy the user has edited is left alone."""
+        import hashlib
+        for name in BUILTIN_SKILLS:
+            packaged = read_resource(f".skills/{name}/SKILL.md")
+            if packaged is None:
+                continue
+            target = self.root / name
+            manifest, mark = target / "SKILL.md", target / SEED_MARK
+            if target.exists():
+                try:
+                    seeded = read_inside(mark, target).strip()
+                    current = hashlib.sha256(read_inside(manifest, target).encode()).hexdigest()
+                except (OSError, CaoError):
+                    continue  # no mark: the user made or replaced it
+                if seeded != current or current == hashlib.sha256(packaged).hexdigest():
+                    continue  # edited by the user, or already the newest
+            target.mkdir(parents=True, exist_ok=True)
+            write_inside(manifest, self.root, packaged, mode=0o644)
+            write_inside(mark, self.root, hashlib.sha256(packaged).hexdigest() + "\n")
+
+    def catalog(self, skills):
+        if not skills:
+            return ""
+        lines = "\n".join(f"- **{s['name']}**: {s['description']}" for s in skills)
+        return ("## Skills\nThese skills come with this cao session. When a task matches one, "
+                f"call the load_skill tool of {CAO_MCP_NAME} with its name to read it; they are "
+                "not in your CLI's own skill list.\n" + lines)
+
+    def deliver(self, profile, spec, fields):
+        """Give a new terminal its skills: copies in the CLI's own skill folder, or a
+        catalog in its system prompt."""
+        skills = self.for_profile(profile)
+        if not skills:
+            return
+        native = spec.get("skills_dir")
+        if native:
+            target = Path(_fill(native, fields))
+            for skill in skills:
+                if not (target / skill["name"]).exists():
+                    shutil.copytree(skill["path"], target / skill["name"], symlinks=False)
+            return
+        fields["system_prompt"] = "\n\n".join(
+            p for p in (fields["system_prompt"], self.catalog(skills)) if p)
+
+
+@agent_tool("read one of the session's skills")
+def load_skill(name: str) -> str:
+    """The full guide of a skill from the catalog in your instructions."""
+    return Client().skill(name)["content"]
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -3186,13 +3718,18 @@ class App:
                                    self.typist, host, port)
         self.sessions = Sessions(store, self.terminals)
         self.inbox = Inbox(store, self.bus, self.tracker, self.terminals, self.typist)
+        self.handoffs = Handoffs(store, self.terminals, self.typist, self.tracker)
         self.memory = MemoryStore(store)
         self.typist.first_input = self.memory.preface
+        self.skills = SkillStore(ensure_home() / "skills")
+        self.terminals.launch_hooks.append(self.skills.deliver)
 
     def start(self):
+        self.skills.seed()
         self.terminals.recover()
         self.watcher.start()
         self.inbox.recover()
+        self.handoffs.recover()
 
     def stop(self):
         self.watcher.stop()
@@ -3298,7 +3835,8 @@ def _initial_message(req):
 def _create_session(app, req):
     return app.sessions.create(req.arg("agent_profile", required=True), req.arg("provider"),
                                req.arg("session_name"), req.arg("working_directory"),
-                               req.arg("allowed_tools", kinds=(str, list)), _initial_message(req))
+                               req.arg("allowed_tools", kinds=(str, list)), _initial_message(req),
+                               req.arg("model"), req.flag("use_worktree"))
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)")
@@ -3318,7 +3856,9 @@ def _create_terminal(app, req):
                                 req.arg("provider"), req.arg("working_directory"),
                                 req.arg("allowed_tools", kinds=(str, list)),
                                 check_terminal_id(caller) if caller else None,
-                                initial_message=_initial_message(req))
+                                initial_message=_initial_message(req), model=req.arg("model"),
+                                description=req.arg("description"),
+                                use_worktree=req.flag("use_worktree"))
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)/terminals")
@@ -3363,6 +3903,40 @@ def _terminal_key(app, req):
 def _terminal_signal(app, req):
     app.tracker.signal(req.params["id"], req.arg("status", required=True))
     return {"success": True}
+
+
+@route("POST", r"/terminals/(?P<id>[^/]+)/answer")
+def _terminal_answer(app, req):
+    return app.typist.answer(req.params["id"], req.arg("answer", required=True))
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)/siblings")
+def _terminal_siblings(app, req):
+    depth = req.arg("depth")
+    return app.terminals.siblings(req.params["id"], None if depth is None else
+                                  int(req.number("depth", 1, 0, 100)), req.flag("cross_session"))
+
+
+@route("PATCH", r"/terminals/(?P<id>[^/]+)/description")
+def _terminal_description(app, req):
+    return app.terminals.set_description(req.params["id"], req.arg("description", required=True))
+
+
+@route("POST", r"/terminals/run-step")
+def _run_step(app, req):
+    caller, reuse = req.arg("caller_id"), req.arg("reuse_terminal_id")
+    tools = req.arg("allowed_tools", kinds=(str, list))
+    return app.handoffs.run_step(
+        req.arg("agent", required=True), req.arg("prompt", required=True), req.arg("provider"),
+        req.arg("session_name"), check_terminal_id(reuse) if reuse else None,
+        req.flag("teardown", True), req.number("timeout", 600, 1, 86400),
+        req.arg("working_directory"), check_terminal_id(caller) if caller else None, tools,
+        req.arg("model"), req.arg("description"), req.flag("use_worktree"), req.arg("job_id"))
+
+
+@route("GET", r"/handoff-results/(?P<job_id>[^/]+)")
+def _handoff_result(app, req):
+    return app.handoffs.result(req.params["job_id"])
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
@@ -3455,6 +4029,38 @@ def _terminal_memory_context(app, req):
 @route("GET", r"/settings/memory")
 def _memory_settings_route(app, req):
     return {"enabled": memory_enabled(), "learning_enabled": False}
+
+
+# -- routes: skills ------------------------------------------------------------
+
+@route("GET", r"/skills")
+def _skills(app, req):
+    return app.skills.listing()
+
+
+@route("GET", r"/skills/(?P<name>[^/]+)")
+def _skill(app, req):
+    return app.skills.get(req.params["name"])
+
+
+@route("GET", r"/settings/skill-dirs")
+def _skill_dirs(app, req):
+    return {"skills_dir": str(app.skills.root), "extra_dirs": [str(d) for d in skill_dirs()]}
+
+
+@route("POST", r"/settings/skill-dirs")
+def _set_skill_dirs(app, req):
+    dirs = req.arg("extra_dirs", required=True, kinds=(list,))
+    for d in dirs:
+        if not isinstance(d, str) or not Path(d).expanduser().is_dir():
+            raise CaoError(f"extra skill folder {d!r} is not a folder; pass existing folder paths")
+        if within(Path(d).expanduser(), cao_home()):
+            raise CaoError(f"{d} is inside cao's home; skills there go in {app.skills.root}")
+    settings = dict(load_settings())
+    settings["skills"] = {**(settings.get("skills") if isinstance(settings.get("skills"), dict)
+                             else {}), "extra_dirs": [str(Path(d).expanduser().resolve()) for d in dirs]}
+    write_inside(cao_home() / "settings.json", cao_home(), json.dumps(settings, indent=2) + "\n")
+    return _skill_dirs(app, req)
 
 
 # -- routes: agents ------------------------------------------------------------
@@ -3762,7 +4368,7 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # a refused client gets no second request
             return self._send(e.status, {"detail": str(e)})
         except CaoError as e:
-            return self._send(e.status, {"detail": str(e)})
+            return self._send(e.status, {"detail": getattr(e, "detail", None) or str(e)})
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # a bug, not bad input: say so and keep serving
@@ -3919,6 +4525,11 @@ def _as_mcp_tool(func, flagged):
     return tool
 
 
+def _returns_dict(func):
+    import inspect
+    return inspect.signature(func).return_annotation is dict
+
+
 def run_mcp_server():
     import_optional("mcp", "`cao mcp`")
     try:
@@ -3929,7 +4540,8 @@ def run_mcp_server():
     server = MCPServer("cao-mcp-server", instructions="Tools to delegate work to other agents "
                                                       f"of this cao session: {summaries}.")
     for func, _, flagged in AGENT_TOOLS:
-        server.tool(structured_output=True)(_as_mcp_tool(func, flagged))
+        # A dict result is structured content too; a text result (a skill) stays text.
+        server.tool(structured_output=_returns_dict(func))(_as_mcp_tool(func, flagged))
     server.run()
     return 0
 
@@ -3965,6 +4577,13 @@ class _DemoInput:
         tail = data[-5:]
         partial = tail[tail.rfind(b"\x1b"):] if b"\x1b" in tail else b""
         return any(m.startswith(partial) and m != partial for m in self.PASTE_MARKS) if partial else False
+
+    def key(self):
+        """One keypress (for a y/n question)."""
+        if not self.pending:
+            self.pending = os.read(self.fd, 64)
+        key, self.pending = self.pending[:1], self.pending[1:]
+        return key.decode(errors="replace")
 
     def read(self):
         buf, in_paste = [], False
@@ -4120,7 +4739,15 @@ def run_demo_agent(profile):
                 if left <= 0:
                     break
                 time.sleep(min(0.1, left))
-            answer = demo_answer(text)
+            question = re.match(r"\s*/ask (.+)", text)
+            if question:  # a question for the user, as real CLIs ask before risky steps
+                out.write(f"\r\x1b[K? {question.group(1).strip()} [y/n] ")
+                out.flush()
+                key = reader.key() if interactive else (sys.stdin.readline() or "n")[:1]
+                out.write(key + "\r\n")
+                answer = f"done: answered {key}"
+            else:
+                answer = demo_answer(text)
             if audit:
                 _demo_audit(audit, text, reader)
             out.write("\r\x1b[K" + answer.replace("\n", "\r\n") + "\r\n")
@@ -4144,7 +4771,8 @@ def run_demo_agent(profile):
 
 COMMANDS = []  # [(name, help, options, function)]
 COMMAND_GROUPS = {"session": "list, inspect and message sessions", "terminal": "terminal tools",
-                  "memory": "what agents stored with memory_store: list, show, delete"}
+                  "memory": "what agents stored with memory_store: list, show, delete",
+                  "skills": "guides agents load on demand: list, add, remove"}
 
 
 def option(*names, **kwargs):
@@ -4463,6 +5091,47 @@ def cmd_session_inbox(args):
     return 0
 
 
+def _skill_store():
+    store = SkillStore(ensure_home() / "skills")
+    store.seed()
+    return store
+
+
+@command("skills list", "installed skills", JSON_OUT)
+def cmd_skills_list(args):
+    store = _skill_store()
+    skills = store.listing()
+    for problem in store.problems:
+        print(f"cao: skipped: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(skills, indent=2))
+    elif not skills:
+        print("No skills. Add one with `cao skills add FOLDER`.")
+    else:
+        width = max(len(s["name"]) for s in skills) + 2
+        print(f"{'NAME':<{width}}DESCRIPTION")
+        for s in skills:
+            text = s["description"]
+            print(f"{s['name']:<{width}}{text[:90] + ('...' if len(text) > 90 else '')}")
+    return 0
+
+
+@command("skills add", "install a skill folder (it holds SKILL.md)", option("folder_path"),
+         option("--force", action="store_true", help="replace an installed skill of that name"))
+def cmd_skills_add(args):
+    result = _skill_store().add(args.folder_path, args.force)
+    print(f"{'Replaced' if result['replaced'] else 'Installed'} skill {result['name']} "
+          f"in {result['path']}")
+    return 0
+
+
+@command("skills remove", "remove an installed skill", option("name"))
+def cmd_skills_remove(args):
+    _skill_store().remove(args.name)
+    print(f"Removed skill {args.name}.")
+    return 0
+
+
 def _confirm(question, yes):
     """True if the user agreed (or passed --yes); without a TTY, --yes is required."""
     if yes:
@@ -4734,7 +5403,10 @@ PROVIDERS = {
     "demo": {
         "description": "built-in demo agent: answers 'done: <first line>' after CAO_DEMO_DELAY s",
         "command": ["{cao}", "demo-agent", "--profile", "{profile}"],
+        # The demo reads no instructions; the file shows what a real CLI would be given.
+        "files": {"system-prompt.md": {"when": "system_prompt", "value": "{system_prompt}"}},
         "status": [
+            ["waiting_user_answer", r"\[y/n\] ?\Z"],
             ["processing", r"working\.\.\.\Z"],
             ["completed", r"^done: .*\n>( .*)?\Z"],
             ["idle", r"^>( .*)?\Z"],

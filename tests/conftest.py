@@ -78,7 +78,11 @@ def call_tool(env, name, arguments, terminal_id=None):
                 await session.initialize()
                 tools = [t.name for t in (await session.list_tools()).tools]
                 result = await session.call_tool(name, arguments)
-                return tools, json.loads(result.content[0].text)
+                text = "".join(getattr(part, "text", "") for part in result.content)
+                try:
+                    return tools, json.loads(text)
+                except ValueError:  # a tool whose result is text (load_skill)
+                    return tools, text
     return asyncio.run(call())
 
 
