@@ -1426,9 +1426,12 @@ LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_di
                  "disallowed_tools", "mcp_env", "mcp_servers")
 FEATURES = ("always", "system_prompt", "model", "yolo", "restricted")
 CAO_MCP_NAME = "cao-mcp-server"
-TOOL_GROUPS = {"fs_*": ("fs_read", "fs_write", "fs_list"),
-               "@builtin": ("execute_bash", "fs_read", "fs_write", "fs_list", "web_fetch")}
+# `@builtin` names Kiro's own tool set; it grants nothing beyond the tools listed with it,
+# so upstream's reviewer role (@builtin, fs_read, fs_list) stays read-only everywhere.
+TOOL_GROUPS = {"fs_*": ("fs_read", "fs_write", "fs_list"), "@builtin": ()}
 CAO_TOOLS = ("execute_bash", "fs_read", "fs_write", "fs_list", "web_fetch", "discovery")
+BUILTIN_TOOLS = ("execute_bash", "fs_read", "fs_write", "fs_list", "web_fetch")
+DEFAULT_ROLE = "developer"  # a profile with neither role nor allowedTools
 ROLE_TOOLS = {"supervisor": ["@cao-mcp-server", "fs_read", "fs_list"],
               "reviewer": ["@builtin", "fs_read", "fs_list", "@cao-mcp-server"],
               "developer": ["@builtin", "fs_*", "execute_bash", "web_fetch", "@cao-mcp-server"],
@@ -1635,6 +1638,37 @@ def resolve_tools(allowed):
     for item in allowed:
         names.update(TOOL_GROUPS.get(item, (item,)))
     return names
+
+
+def profile_tools(profile, override=None, parent=None):
+    """The one tool list a terminal runs with: an explicit list (request or
+    --allowed-tools), else the profile's allowedTools, else its role's; a profile that
+    states neither gets the developer role, narrowed to its parent's tools when a
+    terminal started it. The profile's own MCP servers are added as @name."""
+    if override is not None:
+        tools = parse_allowed_tools(override)
+    elif profile.get("allowedTools") is not None:
+        tools = parse_allowed_tools(profile["allowedTools"])
+    elif profile.get("role") is not None:
+        tools = list(role_tools(profile["role"]))
+    else:
+        tools = list(role_tools(DEFAULT_ROLE))
+        if parent is not None and "*" not in parent:
+            granted = resolve_tools(parent)
+            tools = [t for t in sorted(resolve_tools(tools)) if t in granted]
+    if "*" in tools:
+        return ["*"]
+    servers = profile.get("mcpServers") or {}
+    return tools + [f"@{name}" for name in servers if name != CAO_MCP_NAME
+                    and _MCP_SERVER_TOOL.fullmatch(f"@{name}") and f"@{name}" not in tools]
+
+
+def tool_enforcement(spec, tools):
+    """How a provider keeps an agent to its tools: none (nothing is denied), hard (the
+    CLI is not offered the others) or soft (the agent is told)."""
+    if tools == ["*"] or resolve_tools(tools) >= set(BUILTIN_TOOLS):
+        return "none"
+    return "hard" if spec.get("tools") else "soft"
 
 
 def _toml(value):
@@ -2448,6 +2482,8 @@ class Terminals:
         return {"id": row["id"], "name": row["window_name"], "provider": row["provider"],
                 "session_name": row["session_name"], "agent_profile": row["agent_profile"],
                 "caller_id": row["caller_id"], "allowed_tools": tools,
+                "tool_enforcement": tool_enforcement(providers().get(row["provider"], {}), tools)
+                if tools else "none",
                 "working_directory": row["working_directory"],
                 "tmux_session": row["session_name"], "tmux_window": row["window_name"],
                 "status": self.tracker.status(row["id"]) or row["status"],
@@ -2533,12 +2569,11 @@ class Terminals:
             raise NotFound(f"session {session_name} not found; create it with POST /sessions")
         workdir = resolve_working_directory(working_directory or (
             session["working_directory"] if session else None))
-        role = profile.get("role")
-        tools = parse_allowed_tools(allowed_tools if allowed_tools is not None
-                                    else profile.get("allowedTools")
-                                    or (role_tools(role) if role is not None else None))
+        parent = None
         if caller_id is not None:
-            self.row(caller_id)
+            parent_tools = self.row(caller_id)["allowed_tools"]
+            parent = json.loads(parent_tools) if parent_tools else ["*"]
+        tools = profile_tools(profile, allowed_tools, parent)
         terminal_id = uuid.uuid4().hex[:8]
         worktree = None
         if use_worktree:
@@ -2593,7 +2628,7 @@ class Terminals:
 
     def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env, model):
         prompt = profile.get("system_prompt") or ""
-        restricted = tools is not None and "*" not in tools
+        restricted = tool_enforcement(spec, tools) != "none"
         disallowed = []
         if restricted and spec.get("tools"):
             allowed = resolve_tools(tools)
@@ -4931,7 +4966,7 @@ def cmd_server(args):
          option("--async", dest="async_", action="store_true",
                 help="with MESSAGE: send it and return without waiting"),
          option("--yolo", action="store_true", help="unrestricted tools, no confirmations"),
-         option("--auto-approve", action="store_true", help="accepted for compatibility"),
+         option("--auto-approve", action="store_true", help="launch without asking"),
          option("--allowed-tools", help="comma-separated tool allowlist"),
          TIMEOUT)
 def cmd_launch(args):
@@ -4942,6 +4977,9 @@ def cmd_launch(args):
     ensure_server(client)
     if args.message:
         check_message(args.message)
+    if not _launch_approved(client, args):
+        print("Not launched.")
+        return 1
     term = client.create_session(
         agent_profile=args.agents, provider=args.provider, session_name=args.session_name,
         allowed_tools="*" if args.yolo else args.allowed_tools,
@@ -4961,6 +4999,25 @@ def cmd_launch(args):
               f"{shlex.join(tmux_argv('attach', '-t', session))}")
         return 0
     os.execvp("tmux", tmux_argv("attach-session", "-t", f"={session}"))
+
+
+def _launch_approved(client, args):
+    """Say which tools the agent gets and how they are enforced; on a terminal, ask
+    before launching unless --yolo or --auto-approve."""
+    profile = client.profile(args.agents)
+    provider = args.provider or profile.get("provider") or load_settings().get(
+        "default_provider") or DEFAULT_PROVIDER
+    tools = profile_tools(profile, "*" if args.yolo else args.allowed_tools)
+    enforcement = tool_enforcement(get_provider(provider), tools)
+    how = {"none": "nothing is denied", "hard": f"{provider} is not offered the other tools",
+           "soft": f"{provider} has no way to deny tools, so the agent is told"}[enforcement]
+    role = profile.get("role") or ("(its allowedTools)" if profile.get("allowedTools") is not None
+                                   else f"{DEFAULT_ROLE} (default)")
+    print(f"Agent {profile['name']} ({provider}): role {role}; tools {', '.join(tools)}; "
+          f"enforcement {enforcement}: {how}")
+    if args.yolo or args.auto_approve or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return True
+    return input("Launch it? [Y/n] ").strip().lower() in ("", "y", "yes")
 
 
 @command("install", "install an agent profile (name, .md path or https URL)",
