@@ -1423,8 +1423,8 @@ STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "
 READY_STATUSES = ("idle", "completed", "waiting_user_answer")
 LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory",
                  "context_dir", "mcp_command", "hook_command", "cao", "mcp_args", "mcp_argv", "hook",
-                 "disallowed_tools", "mcp_env", "mcp_servers")
-FEATURES = ("always", "system_prompt", "model", "yolo", "restricted")
+                 "disallowed_tools", "mcp_env", "mcp_servers", "skills_dir")
+FEATURES = ("always", "system_prompt", "model", "yolo", "restricted", "skills")
 CAO_MCP_NAME = "cao-mcp-server"
 # `@builtin` names Kiro's own tool set; it grants nothing beyond the tools listed with it,
 # so upstream's reviewer role (@builtin, fs_read, fs_list) stays read-only everywhere.
@@ -1513,6 +1513,14 @@ def _answer_rules(value):
                               if k in value)), None)
 
 
+def _still_in_input(spec, screen, needle):
+    """Whether the input box still holds the message: its last words, or the
+    placeholder a CLI shows for a paste ("[Pasted text #1 +4 lines]")."""
+    tail = _screen_tail(screen, spec.get("input_lines", 1))
+    marker = spec.get("paste_marker")
+    return needle in tail or bool(marker and re.search(marker, tail))
+
+
 def _dialogs(value):
     return next(filter(None, (_problem_regex(pattern) for pattern, _ in value)), None)
 
@@ -1538,6 +1546,8 @@ PROVIDER_FIELDS = {
     "mcp_server_keys": (_is(dict, 'an object, e.g. {"timeout": 86400000}'),
                         "extra keys for cao's own entry in {mcp_servers}"),
     "eager_input": (_is(bool, "true or false"), "the CLI queues input typed while it works"),
+    "skills_dir": (_is(str, "a path template"), "the CLI's own skill folder for this terminal"),
+    "paste_marker": (_problem_regex, "regex of what the input box shows for pasted text"),
 }
 
 
@@ -2259,7 +2269,7 @@ class StatusTracker:
         paste (Gemini CLI, now and then): the text then waits in the input box
         after the submit looked. Press Enter again, up to 3 times, 1 s apart."""
         unsent = term.unsent
-        if not unsent or unsent[0] not in _screen_tail(screen, spec.get("input_lines", 1)):
+        if not unsent or not _still_in_input(spec, screen, unsent[0]):
             return
         wait = unsent[2] + 1.0 - time.monotonic()
         if unsent[1] >= 3 or wait > 0:
@@ -2389,7 +2399,7 @@ class TerminalInput:
             state = tmux_capture_state(pane_id)
             if state is None or state[1]:
                 raise Conflict(f"terminal {terminal_id}'s agent exited before taking the input")
-            if needle not in _screen_tail(state[0], spec.get("input_lines", 1)) or \
+            if not _still_in_input(spec, state[0], needle) or \
                     detect_status(spec, state[0]) == "processing":
                 return True
             left = deadline - time.monotonic()
@@ -2653,6 +2663,7 @@ class Terminals:
                 "cao": self_command(), "mcp_command": mcp_argv[0], "mcp_args": mcp_argv[1:],
                 "mcp_argv": mcp_argv, "mcp_env": mcp_env, "mcp_servers": servers,
                 "hook": hook, "hook_command": shlex.join(hook),
+                "skills_dir": str(self.home / "terminals" / terminal_id / "skills"),
                 "yolo": tools == ["*"], "restricted": bool(disallowed),
                 "disallowed_tools": disallowed}
 
@@ -3714,14 +3725,18 @@ class SkillStore:
         """Give a new terminal its skills: copies in the CLI's own skill folder, or a
         catalog in its system prompt."""
         skills = self.for_profile(profile)
-        if not skills:
-            return
         native = spec.get("skills_dir")
         if native:
             target = Path(_fill(native, fields))
+            if not within(target, fields["context_dir"]):
+                raise ConfigError(f"skills_dir {native!r} must lie in the terminal's own folder "
+                                  "({context_dir}/...)")
             for skill in skills:
-                if not (target / skill["name"]).exists():
-                    shutil.copytree(skill["path"], target / skill["name"], symlinks=False)
+                shutil.copytree(skill["path"], target / skill["name"], symlinks=False,
+                                dirs_exist_ok=True)
+            fields.update(skills=bool(skills), skills_dir=str(target))
+            return
+        if not skills:
             return
         fields["system_prompt"] = "\n\n".join(
             p for p in (fields["system_prompt"], self.catalog(skills)) if p)
@@ -5477,6 +5492,11 @@ PROVIDERS = {
         "description": "Claude Code (Anthropic)",
         "command": ["claude"],
         "install": "npm install -g @anthropic-ai/claude-code",
+        # A per-terminal plugin folder holds its skills; the user's own stay where they are.
+        # A multi-line paste shows as a placeholder, and an Enter that comes before it is
+        # drawn is lost: the message would wait in the box unsent.
+        "paste_marker": r"\[Pasted text #\d+",
+        "skills_dir": "{context_dir}/claude-plugin/skills",
         "args": {
             "always": [
                 "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}},
@@ -5493,6 +5513,7 @@ PROVIDERS = {
                         "command": "{hook_command} waiting_user_answer"}]}]}}}],
             "system_prompt": ["--append-system-prompt", "{system_prompt}"],
             "model": ["--model", "{model}"],
+            "skills": ["--plugin-dir", "{context_dir}/claude-plugin"],
             "yolo": ["--dangerously-skip-permissions"],
             "restricted": ["--disallowedTools={disallowed_tools}"],
         },
@@ -5618,6 +5639,9 @@ PROVIDERS["qwen_code"] = {
         ["idle", r"Type your message|\? for shortcuts"],
     ],
 }
+# opencode's done line; its sidebar (LSP, MCP) may share the line, far to the right.
+_OPENCODE_DONE = r"^\s*▣ .*· \d+(\.\d+)?m?s(\s{8,}\S.*)?\s*$"
+
 PROVIDERS.update({
     "opencode_cli": {
         "input_lines": 5,
@@ -5625,24 +5649,28 @@ PROVIDERS.update({
         "command": ["opencode"],
         "install": "npm install -g opencode-ai",
         "args": {"model": ["--model", "{model}"]},
+        "paste_marker": r"\[Pasted ~\d+ lines?\]",
+        "skills_dir": "{context_dir}/skills",
         "env": {"OPENCODE_CONFIG_CONTENT": {"json": {
                     "mcp": {CAO_MCP_NAME: {"type": "local", "command": "{mcp_argv}",
                                            "environment": "{mcp_env}", "timeout": 86400000}},
-                    "instructions": ["{context_dir}/system.md"]}},
-                "OPENCODE_PERMISSION": {"when": "yolo", "value": '"allow"'},
+                    "instructions": ["{context_dir}/system.md"],
+                    "skills": {"paths": ["{skills_dir}"]}}},
+                # opencode 1.18 wants an object here; a bare "allow" makes it exit at start.
+                "OPENCODE_PERMISSION": {"when": "yolo", "value": '{"*": "allow"}'},
                 "OPENCODE_DISABLE_AUTOUPDATE": "1"},
         "files": {"system.md": "{system_prompt}"},
         "status": [
             ["waiting_user_answer", r"Permission required|Allow once\s+Allow always"],
             ["processing", r"esc interrupt"],
-            ["completed", r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$"],
+            ["completed", _OPENCODE_DONE],
             ["idle", r"ctrl\+p commands|tab agents"],
         ],
         "tail_lines": 60,
         "turn_start_grace": 3.0,
         # The sidebar shares the answer's lines, far to the right.
         # skip_open: its input box below the last answer looks like a prompt box.
-        "answer": {"start": r"^\s*(┃|⚙ )", "end": r"^\s*▣ .*· \d+(\.\d+)?m?s\s*$",
+        "answer": {"start": r"^\s*(┃|⚙ )", "end": _OPENCODE_DONE,
                    "trim": r"\s{8,}\S.*$", "skip_open": True},
         "exit": {"keys": ["C-c"]},
     },
@@ -5659,7 +5687,9 @@ PROVIDERS.update({
                  "model": ["--model", "{model}"], "yolo": ["--allow-all"],
                  # --excluded-tools hides them from the model; --deny-tool only refuses a call.
                  "restricted": ["--excluded-tools", "{disallowed_tools}"]},
-        "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"}},
+        "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"},
+                "COPILOT_SKILLS_DIRS": {"when": "skills", "value": "{skills_dir}"}},
+        "skills_dir": "{context_dir}/skills",
         # Copilot reads *.instructions.md (not copilot-instructions.md) from these dirs.
         "files": {"cao-profile.instructions.md": {"when": "system_prompt",
                                                   "value": "{system_prompt}"}},

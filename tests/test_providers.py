@@ -163,3 +163,20 @@ def test_every_builtin_entry_passes_the_field_schema_and_every_field_is_document
         if line.startswith("| `"):
             documented |= {cell.strip(" `") for cell in line.split("|")[1].split(", ")}
     assert documented == set(cao.PROVIDER_FIELDS)
+
+
+def test_opencode_done_line_may_share_its_row_with_the_sidebar():
+    spec = cao.PROVIDERS["opencode_cli"]
+    screen = ("  ┃  MULTI-LINE-77 what now                                       $0.00 spent\n"
+              "     MOCK-ANSWER                                                 • cao-mcp-server Connected\n"
+              "     ▣  Build · Mock Model · 2.0s                                LSP\n"
+              "  ┃\n  ┃  Build · Mock Model Mock\n")
+    assert cao.detect_status(spec, screen) == "completed"
+    assert cao.extract_answer(spec, screen) == "MOCK-ANSWER"
+
+
+def test_a_paste_placeholder_counts_as_text_still_in_the_input_box():
+    claude = cao.PROVIDERS["claude_code"]
+    assert cao._still_in_input(claude, "❯ [Pasted text #1 +4 lines]\n", "what now")
+    assert not cao._still_in_input(claude, "❯ \n", "what now")
+    assert cao._still_in_input(cao.PROVIDERS["opencode_cli"], "┃ [Pasted ~5 lines]\n", "x")

@@ -18,7 +18,7 @@ import pytest
 
 import cao
 
-from conftest import CaoEnv, wait_for
+from conftest import CaoEnv, call_tool, wait_for
 from mock_llm import MockLLM
 from real_cli_setup import (APPROVAL, BINARIES, BIN_DIRS, CLIS, ask_before_commands, installed,
                             user_setup, write)
@@ -281,3 +281,83 @@ def test_real_restrictions_reach_the_cli(real_env, mock, provider):
     else:  # soft: the model is told
         assert "Only use these tools: fs_read, @cao-mcp-server" in \
             main["system_text"] + json.dumps(main["body"]), main["system_text"][-500:]
+
+
+SKILL_FIXTURE = Path(__file__).parent / "fixtures" / "skills" / "review-helper"
+
+
+@pytest.mark.parametrize("provider", TURN_CLIS)
+def test_real_skills_reach_the_model(real_env, mock, provider):
+    if not installed(provider):
+        pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
+    env = real_env(provider)
+    shutil.copytree(SKILL_FIXTURE, env.home / "skills" / "review-helper")
+    env.profile("reviewer", provider, "You review.", skills=["review-*"])
+    term = env.start(provider, profile="reviewer")["id"]
+    env.send(term, "which skills do you know")
+    env.wait_status(term, "completed")
+    main = mock.wait_for(lambda r: r["kind"] == "main" and "which skills" in r["user_text"])
+    seen = json.dumps(main["body"])
+    assert "review-helper" in seen and "Review a change set for correctness" in seen, seen[:2000]
+    native = cao.PROVIDERS[provider].get("skills_dir")
+    catalog = "call the load_skill tool" in seen
+    assert catalog is not bool(native)  # the CLI lists native skills itself
+    assert "cao-supervisor-protocols" not in seen  # filtered out by the profile's skills
+
+
+@_needs("claude_code")
+def test_real_memory_stored_in_one_session_reaches_a_new_terminal_in_another(real_env, mock):
+    env = real_env("claude_code")
+    env.profile("agent", "claude_code", "You remember things.")
+    mock.reply("warm up", text="warm")
+    mock.reply("remember the port", tool="memory_store",
+               arguments={"content": "The staging database listens on port 6543",
+                          "key": "staging-db-port"}, then="stored {result}")
+    first = env.start("claude_code", session="mem-one")["id"]
+    _warm_up(env, mock, first, "memory_store")
+    env.send(first, "remember the port")
+    env.wait_status(first, "completed", timeout=120)
+    code, stored = env.request("GET", "/memory/staging-db-port")
+    assert code == 200 and stored[0]["source_terminal_id"] == first, stored
+    second = env.start("claude_code", session="mem-two")["id"]
+    env.send(second, "which port does staging use")
+    env.wait_status(second, "completed", timeout=120)
+    main = mock.wait_for(lambda r: r["kind"] == "main" and "which port does staging use"
+                         in json.dumps(r["body"]))
+    first_request = json.dumps(main["body"])
+    assert "<cao-memory>" in first_request and "listens on port 6543" in first_request
+    assert "staging-db-port" in env.request("GET", f"/terminals/{second}/memory-context")[1]["context"]
+
+
+@_needs("claude_code")
+def test_real_supervisor_answers_a_claude_workers_approval(real_env, mock):
+    env = real_env("claude_code")
+    ask_before_commands("claude_code", env.user_home)
+    env.profile("agent", "claude_code", "You are careful.")
+    tool, arguments = APPROVAL["claude_code"]
+    mock.reply("make a file", tool=tool, arguments=arguments, then="FILE-MADE {result}")
+    supervisor = env.start("claude_code", session="approve")["id"]
+    code, worker = env.request("POST", "/sessions/cao-approve/terminals", {
+        "agent_profile": "agent", "provider": "claude_code", "caller_id": supervisor}, timeout=120)
+    assert code == 201, worker
+    env.send(worker["id"], "make a file please")
+    env.wait_status(worker["id"], "waiting_user_answer")
+    _, answered = call_tool(env, "answer_user_prompt", {"terminal_id": worker["id"], "answer": "1"},
+                            supervisor)
+    assert answered["success"], answered
+    env.wait_status(worker["id"], "completed")
+    assert (env.workdir / "cao-approved-file").exists()
+
+
+@pytest.mark.parametrize("provider", TURN_CLIS)
+def test_real_multi_line_first_message_is_submitted(real_env, mock, provider):
+    """A first message of several lines (a memory block, an assign footer) sent the
+    moment the CLI is ready reaches the model: none waits unsent in the input box."""
+    if not installed(provider):
+        pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
+    env = real_env(provider)
+    env.profile("agent", provider, "You answer.")
+    term = env.start(provider)["id"]
+    env.send(term, "Context:\nline one\nline two\n\nMULTI-LINE-77 what now")
+    env.wait_status(term, "completed")
+    assert mock.wait_for(lambda r: r["kind"] == "main" and "MULTI-LINE-77" in r["user_text"])
