@@ -5469,7 +5469,7 @@ _NO_SELF_UPDATE = {"enableAutoUpdate": False, "enableAutoUpdateNotification": Fa
 # is drawn (kimi redraws the whole screen at the end of a turn, top to bottom).
 # Kiro's / Q's legacy prompt: "> ", "[developer] > ", "[developer] 3% λ > ", "!> "
 _KIRO_PROMPT = r"^(?:\[[\w.-]+\] ?)?(?:\d+% ?)?(?:λ ?)?!?> ?$"
-_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^(?:• |✨ ))[\s\S]*── input ──"
+_KIMI_LAST_ANSWER = r"^• (?!Used \w+ \()(?![\s\S]*^(?:• |✨ ))[\s\S]*── input( · \d+ queued)? ──"
 
 PROVIDERS = {
     "demo": {
@@ -5488,6 +5488,9 @@ PROVIDERS = {
         "exit": {"keys": ["C-d"]},
     },
     "claude_code": {
+        # Input typed mid-turn is queued (while it writes) or added to the turn's next
+        # request (while a tool runs); either way answered once (docs/providers/claude_code.md).
+        "eager_input": True,
         "input_lines": 3,
         "description": "Claude Code (Anthropic)",
         "command": ["claude"],
@@ -5578,6 +5581,9 @@ PROVIDERS = {
         "exit": {"keys": ["C-c"]},
     },
     "gemini_cli": {
+        # Not eager: input sent while it shows "Thinking..." came back into its input box
+        # unsent after the turn (docs/providers/gemini_cli.md).
+        "eager_input": False,
         "input_lines": 5,
         "description": "Gemini CLI (Google)",
         "command": ["gemini"],
@@ -5712,6 +5718,7 @@ PROVIDERS.update({
         "exit": {"text": "/exit"},
     },
     "kimi_cli": {
+        "eager_input": True,  # input typed mid-turn waits for its own turn ("1 queued")
         "input_lines": 3,
         "description": "Kimi CLI (Moonshot; the Python kimi-cli 1.51)",
         "command": ["kimi", "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
@@ -5735,11 +5742,11 @@ PROVIDERS.update({
             # prompt line or once that list has scrolled away.
             ["completed", r"^✨ .*\n(?:.*\n)*?" + _KIMI_LAST_ANSWER
                           + r"|\A(?![\s\S]*MCP Servers:)[\s\S]*?" + _KIMI_LAST_ANSWER],
-            ["idle", r"── input ──"],
+            ["idle", r"── input( · \d+ queued)? ──"],
         ],
         "tail_lines": 60,
         "turn_start_grace": 3.0,
-        "answer": {"start": r"^• (?!Used \w+ \()", "keep_start": True, "end": r"── input ──|^✨ "},
+        "answer": {"start": r"^• (?!Used \w+ \()", "keep_start": True, "end": r"── input( · \d+ queued)? ──|^✨ "},
         "exit": {"text": "/exit"},
     },
     "hermes": {

@@ -107,8 +107,9 @@ def mock():
         yield server
 
 
-def _env(tmp_path, mock, *providers):
+def _env(tmp_path, mock, *providers, **server_env):
     env = RealEnv(tmp_path, mock, providers)
+    env.env.update(server_env)
     env.start_server()
     return env
 
@@ -117,8 +118,8 @@ def _env(tmp_path, mock, *providers):
 def real_env(tmp_path, mock):
     envs = []
 
-    def make(*providers):
-        env = _env(tmp_path, mock, *providers)
+    def make(*providers, **server_env):
+        env = _env(tmp_path, mock, *providers, **server_env)
         envs.append(env)
         return env
     yield make
@@ -361,3 +362,47 @@ def test_real_multi_line_first_message_is_submitted(real_env, mock, provider):
     env.send(term, "Context:\nline one\nline two\n\nMULTI-LINE-77 what now")
     env.wait_status(term, "completed")
     assert mock.wait_for(lambda r: r["kind"] == "main" and "MULTI-LINE-77" in r["user_text"])
+
+
+EAGER = [p for p in TURN_CLIS if cao.PROVIDERS[p].get("eager_input")]
+
+
+def test_eager_providers_are_the_ones_that_queue_input_safely():
+    # docs/providers/<cli>.md says why the others are not: Codex folds mid-turn input
+    # into the running turn and drops that turn's answer, opencode drops a turn's
+    # post-tool answer, Copilot starts an extra turn, Hermes interrupts the turn, and
+    # Gemini CLI and Qwen Code handed input sent at a turn's start back to the input box.
+    assert EAGER == ["claude_code", "kimi_cli"]
+
+
+@pytest.mark.parametrize("provider", EAGER)
+def test_real_eager_inbox_message_mid_turn_is_answered_once_in_the_next_turn(real_env, mock, provider):
+    if not installed(provider):
+        pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
+    env = real_env(provider, CAO_EAGER_INBOX_DELIVERY="true")
+    env.profile("agent", provider, "You answer.")
+    # Varied words: Gemini stops a reply that repeats itself as a loop.
+    mock.reply("TURN-ONE", text="ANSWER-ONE " + " ".join(f"w{i}" for i in range(60)), chunk_delay=0.15)
+    mock.reply("TURN-TWO", text="ANSWER-TWO")
+    term = env.start(provider)["id"]
+    env.send(term, "TURN-ONE please")
+    mock.wait_for(lambda r: r["kind"] == "main" and "TURN-ONE" in r["user_text"])
+    code, posted = env.request("POST", f"/terminals/{term}/inbox/messages",
+                               {"sender_id": "tester", "message": "TURN-TWO please"})
+    assert code == 200, posted
+    wait_for(lambda: env.request("GET", f"/terminals/{term}/inbox/messages")[1][0]["status"]
+             == "delivered", 30, 0.05, "the eager delivery")
+    status = None  # what the agent was doing when the message went in: busy, which is the point
+    for event in env.request("GET", "/events?after=0")[1]["events"]:
+        if event["terminal_id"] == term and event["kind"] == "status":
+            status = event["data"]["status"]
+        elif event["terminal_id"] == term and event["kind"] == "message_delivered":
+            break
+    assert status == "processing"
+    second = mock.wait_for(lambda r: r["kind"] == "main" and "TURN-TWO" in r["user_text"], timeout=90)
+    first = next(r for r in mock.main_requests() if "TURN-ONE" in r["user_text"])
+    assert mock.requests.index(second) > mock.requests.index(first)
+    wait_for(lambda: env.status(term) == "completed" and "ANSWER-TWO" in env.screen(term), 90, 0.1,
+             "the answer to the message")
+    asked = [r for r in mock.main_requests() if "TURN-TWO" in r["user_text"]]
+    assert len(asked) == 1, [r["user_text"][:80] for r in asked]  # answered once, never twice
