@@ -747,6 +747,35 @@ def self_command():
 # Profiles ####################################################################
 ###############################################################################
 
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# cao's own variables, and the loader's, are never set by a request.
+_RESERVED_ENV = re.compile(r"CAO_|LD_|DYLD_|TMUX")
+
+
+def check_env_vars(value, where="env_vars"):
+    """{KEY: value} from a dict or KEY=VALUE strings; a bad key or value is an error."""
+    if value is None:
+        return {}
+    if isinstance(value, list):
+        pairs = {}
+        for item in value:
+            key, sep, val = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if not sep:
+                raise CaoError(f"{where}: {item!r} is not KEY=VALUE")
+            pairs[key] = val
+        value = pairs
+    if not isinstance(value, dict):
+        raise CaoError(f"{where} must map names to values, such as {{\"API_MODE\": \"test\"}}")
+    for key, val in value.items():
+        if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+            raise CaoError(f"{where}: {key!r} is not a variable name (letters, digits, _)")
+        if _RESERVED_ENV.match(key):
+            raise CaoError(f"{where}: {key} is reserved (CAO_*, LD_*, DYLD_*, TMUX*); pick another name")
+        if not isinstance(val, str) or "\0" in val or len(val) > 4096:
+            raise CaoError(f"{where}: the value of {key} must be text up to 4096 characters")
+    return dict(value)
+
+
 def _env_file_values():
     values = {}
     try:
@@ -758,6 +787,13 @@ def _env_file_values():
         if sep and not key.startswith("#"):
             values[key.strip()] = value.strip().strip("\"'")
     return values
+
+
+def save_env_file(values):
+    """Set KEY=value lines in ~/.cao/.env (what ${KEY} in profiles reads)."""
+    merged = {**_env_file_values(), **values}
+    text = "".join(f"{k}={v}\n" for k, v in merged.items())
+    write_inside(cao_home() / ".env", cao_home(), text)
 
 
 def _substitute_vars(text):
@@ -1157,6 +1193,10 @@ MIGRATIONS = [
         job_id TEXT PRIMARY KEY, caller_id TEXT, terminal_id TEXT, agent_profile TEXT,
         state TEXT NOT NULL, last_message TEXT, error_message TEXT,
         created_at REAL NOT NULL, finished_at REAL);
+    """,
+    """
+    ALTER TABLE sessions ADD COLUMN env_vars TEXT;
+    ALTER TABLE terminals ADD COLUMN initial_delivery TEXT;
     """,
 ]
 EVENTS_KEPT = 10000
@@ -2498,6 +2538,8 @@ class Terminals:
                 "tmux_session": row["session_name"], "tmux_window": row["window_name"],
                 "status": self.tracker.status(row["id"]) or row["status"],
                 "description": row["description"], "model": row["model"],
+                "initial_delivery": json.loads(row["initial_delivery"])
+                if row["initial_delivery"] else None,
                 "worktree": json.loads(row["worktree"])["path"] if row["worktree"] else None,
                 "last_active": _iso(row["last_active"])}
 
@@ -2562,7 +2604,8 @@ class Terminals:
     # -- creation ----------------------------------------------------------
     def create(self, session_name, agent_profile, provider=None, working_directory=None,
                allowed_tools=None, caller_id=None, new_session=False, initial_message=None,
-               model=None, description=None, use_worktree=False):
+               model=None, description=None, use_worktree=False, env_vars=None):
+        """env_vars (new sessions only) reach this terminal and every later one of the session."""
         profile = load_profile(agent_profile)
         model = check_model(model) if model is not None else profile.get("model")
         description = check_description(description)
@@ -2592,7 +2635,9 @@ class Terminals:
             workdir = worktree["path"]
         # The frontmatter name is free text; tmux expands formats in window names.
         window = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(profile["name"]))[:48] + f"-{terminal_id[:4]}"
-        env = self._window_env(terminal_id)
+        session_env = check_env_vars(env_vars) if new_session else \
+            json.loads(session["env_vars"] or "{}")
+        env = {**session_env, **self._window_env(terminal_id)}
         fields = self._launch_fields(spec, profile, terminal_id, workdir, tools, env, model)
         for hook in self.launch_hooks:
             hook(profile, spec, fields)
@@ -2604,15 +2649,19 @@ class Terminals:
             write_inside(context_dir / name, self.home, content)
         now = time.time()
         if new_session:
-            self.store.execute("INSERT INTO sessions VALUES (?,?,?,?)",
-                               (session_name, workdir, profile["name"], now))
+            self.store.execute("INSERT INTO sessions(name, working_directory, agent_profile,"
+                               " created_at, env_vars) VALUES (?,?,?,?,?)",
+                               (session_name, workdir, profile["name"], now,
+                                json.dumps(session_env) if session_env else None))
         self.store.execute(
             "INSERT INTO terminals(id, session_name, window_name, provider, agent_profile,"
             " working_directory, allowed_tools, caller_id, status, created_at, last_active,"
-            " model, description, worktree) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " model, description, worktree, initial_delivery)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (terminal_id, session_name, window, provider, profile["name"], workdir,
              json.dumps(tools) if tools else None, caller_id, "unknown", now, now,
-             model, description, json.dumps(worktree) if worktree else None))
+             model, description, json.dumps(worktree) if worktree else None,
+             json.dumps({"state": "pending"}) if initial_message else None))
         try:
             pane_id = tmux_spawn(session_name, window, workdir, env, argv, new_session)
         except CaoError:
@@ -2679,12 +2728,18 @@ class Terminals:
         return env
 
     def _deliver_initial(self, terminal_id, message):
+        """Send a new terminal its first message once it is ready; the outcome is kept
+        as its `initial_delivery` ({"state": pending | delivered | failed})."""
         try:
             self.tracker.wait_ready(terminal_id, 120)
             self.typist.send(terminal_id, message)
+            outcome = {"state": "delivered"}
         except CaoError as e:
+            outcome = {"state": "failed", "kind": type(e).__name__, "message": str(e)}
             row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
             self.store.emit("input_failed", row and row["session_name"], terminal_id, reason=str(e))
+        self.store.execute("UPDATE terminals SET initial_delivery = ? WHERE id = ?",
+                           (json.dumps(outcome), terminal_id))
 
     # -- deletion ----------------------------------------------------------
     def _snapshot(self, row):
@@ -2766,7 +2821,8 @@ class Sessions:
         return {"session": self._to_json(row), "terminals": self.terminals.in_session(row["name"])}
 
     def create(self, agent_profile, provider=None, session_name=None, working_directory=None,
-               allowed_tools=None, initial_message=None, model=None, use_worktree=False):
+               allowed_tools=None, initial_message=None, model=None, use_worktree=False,
+               env_vars=None):
         name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
         if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
                 name in tmux_sessions():
@@ -2775,7 +2831,7 @@ class Sessions:
         return self.terminals.create(name, agent_profile, provider, working_directory,
                                      allowed_tools, new_session=True,
                                      initial_message=initial_message, model=model,
-                                     use_worktree=use_worktree)
+                                     use_worktree=use_worktree, env_vars=check_env_vars(env_vars))
 
     def delete(self, name):
         name = self.get(name)["session"]["name"]
@@ -3067,11 +3123,12 @@ def _job_id(job_id):
 # named in `flagged` is offered only while its environment flag is on.
 
 AGENT_TOOLS = []  # [(function, one-line summary, {parameter: flag})]
+OPS_TOOLS = []    # the same, for `cao ops-mcp` (an agent outside any cao session)
 
 
-def agent_tool(summary, flagged=None):
+def agent_tool(summary, flagged=None, table=AGENT_TOOLS):
     def register(func):
-        AGENT_TOOLS.append((func, summary, flagged or {}))
+        table.append((func, summary, flagged or {}))
         return func
     return register
 
@@ -3207,6 +3264,119 @@ def delete_terminal(terminal_id: str) -> dict:
     """Remove a worker terminal you no longer need (its scrollback is saved)."""
     Client().delete_terminal(terminal_id)
     return {"success": True, "message": f"terminal {terminal_id} deleted"}
+
+# -- the ops tools: cao driven by an agent outside it ----------------------------
+# `cao ops-mcp` serves these to a primary agent (a Claude Code of your own, say)
+# that starts and watches cao sessions; it needs no CAO_TERMINAL_ID.
+
+OPS_SENDER = "cao-ops-mcp"
+
+
+def ops_tool(summary):
+    """Register an ops tool; its Python name has an ops_ prefix that its tool name drops."""
+    def register(func):
+        func.__name__ = func.__name__.removeprefix("ops_")
+        return agent_tool(summary, table=OPS_TOOLS)(func)
+    return register
+
+
+@ops_tool("the agent profiles cao can launch")
+def ops_list_profiles() -> dict:
+    """Every agent profile cao can launch, with its description and provider."""
+    return {"success": True, "profiles": Client().call("GET", "/agents/profiles")}
+
+
+@ops_tool("one profile in full")
+def ops_get_profile_details(name: str) -> dict:
+    """One agent profile: its frontmatter fields and its system prompt."""
+    return {"success": True, "profile": Client().profile(name)}
+
+
+@ops_tool("install a profile by name or https URL")
+def ops_install_profile(source: str, provider: str | None = None,
+                    env_vars: dict[str, str] | None = None) -> dict:
+    """Install an agent profile from a built-in name or an https URL; env_vars fill
+    the ${VARS} it uses."""
+    return Client().call("POST", "/agents/profiles/install", body=_options(
+        source=source, provider=provider, env_vars=env_vars))
+
+
+@ops_tool("start a session with an agent")
+def ops_launch_session(agent_profile: str, provider: str | None = None,
+                   session_name: str | None = None, working_directory: str | None = None,
+                   allowed_tools: str | None = None, model: str | None = None,
+                   initial_message: str | None = None,
+                   env_vars: dict[str, str] | None = None) -> dict:
+    """Start a new cao session whose first agent runs agent_profile; initial_message
+    is delivered as soon as the agent is ready."""
+    term = Client().create_session(**_options(
+        agent_profile=agent_profile, provider=provider, session_name=session_name,
+        working_directory=working_directory, allowed_tools=allowed_tools, model=model,
+        initial_message=initial_message, env_vars=env_vars))
+    return {"success": True, "session_name": term["session_name"], "terminal_id": term["id"],
+            "message": f"Session {term['session_name']} started with {term['agent_profile']} "
+                       f"({term['provider']}), terminal {term['id']}"}
+
+
+@ops_tool("message an agent (delivered when it is idle)")
+def ops_send_session_message(terminal_id: str, message: str) -> dict:
+    """Put a message in an agent's inbox; it is typed in when the agent is idle."""
+    return Client().post_message(terminal_id, OPS_SENDER, message)
+
+
+@ops_tool("what an agent's screen shows, or its last answer")
+def ops_read_session_output(terminal_id: str | None = None, session_name: str | None = None,
+                        mode: str = "full", max_chars: int | None = None) -> dict:
+    """An agent's output by terminal id, or the first agent of session_name. mode:
+    full (the screen and scrollback) or last (its last answer); max_chars keeps the end."""
+    client = Client()
+    if not terminal_id:
+        if not session_name:
+            raise CaoError("pass terminal_id or session_name")
+        terminals = client.session(session_name)["terminals"]
+        if not terminals:
+            raise NotFound(f"session {session_name} has no terminals")
+        terminal_id = terminals[0]["id"]
+    output = client.output(terminal_id, mode)
+    total = len(output)
+    if max_chars is not None and max_chars < total:
+        output = output[total - max(0, int(max_chars)):]
+    return {"success": True, "terminal_id": terminal_id, "mode": mode, "output": output,
+            "truncated": len(output) < total, "total_chars": total}
+
+
+@ops_tool("one agent's status")
+def ops_get_terminal_status(terminal_id: str) -> dict:
+    """A terminal's status (idle, processing, completed, waiting_user_answer, error) and details."""
+    term = Client().terminal(terminal_id)
+    return {"success": True, "terminal_id": term["id"], "status": term["status"], "terminal": term}
+
+
+@ops_tool("one agent's output")
+def ops_get_terminal_output(terminal_id: str, mode: str = "last") -> dict:
+    """A terminal's last answer (mode last) or whole screen (mode full)."""
+    return {"success": True, "terminal_id": terminal_id, "mode": mode,
+            "output": Client().output(terminal_id, mode)}
+
+
+@ops_tool("every cao session")
+def ops_list_sessions() -> dict:
+    """Every cao session with its status."""
+    return {"success": True, "sessions": Client().sessions()}
+
+
+@ops_tool("a session and its terminals")
+def ops_get_session_info(session_name: str) -> dict:
+    """A session and every terminal in it, with their status."""
+    return {"success": True, **Client().session(session_name)}
+
+
+@ops_tool("end a session and its agents")
+def ops_shutdown_session(session_name: str) -> dict:
+    """End a session: every agent in it exits and its windows close."""
+    result = Client().delete_session(session_name)
+    return {"success": True, "message": f"Session {session_name} shut down", **result}
+
 
 
 ###############################################################################
@@ -3886,7 +4056,8 @@ def _create_session(app, req):
     return app.sessions.create(req.arg("agent_profile", required=True), req.arg("provider"),
                                req.arg("session_name"), req.arg("working_directory"),
                                req.arg("allowed_tools", kinds=(str, list)), _initial_message(req),
-                               req.arg("model"), req.flag("use_worktree"))
+                               req.arg("model"), req.flag("use_worktree"),
+                               req.arg("env_vars", kinds=(dict,)))
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)")
@@ -4118,6 +4289,26 @@ def _set_skill_dirs(app, req):
 @route("GET", r"/agents/profiles")
 def _profiles(app, req):
     return list_profiles()
+
+
+@route("POST", r"/agents/profiles/install")
+def _install_profile(app, req):
+    """Over HTTP only a profile name or an https URL: never a path on this machine."""
+    source = req.arg("source", required=True)
+    if not source.startswith("https://") and not PROFILE_NAME_RE.fullmatch(source):
+        raise CaoError(f"source {source!r} must be a profile name or an https:// URL; "
+                       "install a file with `cao install PATH` on the server's machine")
+    provider = req.arg("provider")
+    if provider is not None:
+        get_provider(provider)
+    env_vars = check_env_vars(req.arg("env_vars", kinds=(dict,)))
+    if env_vars:
+        save_env_file(env_vars)
+    info = install_profile(source)
+    return {"success": True, "message": f"Agent '{info['name']}' installed", "agent_name": info["name"],
+            "agent_file": info["path"], "context_file": info["path"], "provider": provider,
+            "unresolved_vars": [v for v in info["unresolved_vars"] if v not in env_vars],
+            "source_kind": "url" if source.startswith("https://") else "name"}
 
 
 @route("GET", r"/agents/profiles/(?P<name>[^/]+)")
@@ -4580,16 +4771,16 @@ def _returns_dict(func):
     return inspect.signature(func).return_annotation is dict
 
 
-def run_mcp_server():
-    import_optional("mcp", "`cao mcp`")
+def run_mcp_server(table=AGENT_TOOLS, name=CAO_MCP_NAME,
+                   purpose="Tools to delegate work to other agents of this cao session"):
+    import_optional("mcp", f"`{name}`")
     try:
         from mcp.server.mcpserver import MCPServer
     except ImportError:  # mcp < 2 calls it FastMCP
         from mcp.server.fastmcp import FastMCP as MCPServer
-    summaries = ", ".join(f"{func.__name__} ({summary})" for func, summary, _ in AGENT_TOOLS)
-    server = MCPServer("cao-mcp-server", instructions="Tools to delegate work to other agents "
-                                                      f"of this cao session: {summaries}.")
-    for func, _, flagged in AGENT_TOOLS:
+    summaries = ", ".join(f"{func.__name__} ({summary})" for func, summary, _ in table)
+    server = MCPServer(name, instructions=f"{purpose}: {summaries}.")
+    for func, _, flagged in table:
         # A dict result is structured content too; a text result (a skill) stays text.
         server.tool(structured_output=_returns_dict(func))(_as_mcp_tool(func, flagged))
     server.run()
@@ -4983,6 +5174,8 @@ def cmd_server(args):
          option("--yolo", action="store_true", help="unrestricted tools, no confirmations"),
          option("--auto-approve", action="store_true", help="launch without asking"),
          option("--allowed-tools", help="comma-separated tool allowlist"),
+         option("--env", action="append", metavar="KEY=VALUE",
+                help="a variable for this session's agents (repeatable)"),
          TIMEOUT)
 def cmd_launch(args):
     if args.async_ and not args.message:
@@ -4995,8 +5188,10 @@ def cmd_launch(args):
     if not _launch_approved(client, args):
         print("Not launched.")
         return 1
+    env_vars = check_env_vars(args.env, "--env") or None
     term = client.create_session(
         agent_profile=args.agents, provider=args.provider, session_name=args.session_name,
+        env_vars=env_vars,
         allowed_tools="*" if args.yolo else args.allowed_tools,
         working_directory=resolve_working_directory(args.working_directory))
     session = term["session_name"]
@@ -5037,10 +5232,14 @@ def _launch_approved(client, args):
 
 @command("install", "install an agent profile (name, .md path or https URL)",
          option("source"),
-         option("--provider", help="check that this provider exists"))
+         option("--provider", help="check that this provider exists"),
+         option("--env", action="append", metavar="KEY=VALUE",
+                help="set a ${KEY} the profile uses, in ~/.cao/.env (repeatable)"))
 def cmd_install(args):
     if args.provider:
         get_provider(args.provider)
+    if args.env:
+        save_env_file(check_env_vars(args.env, "--env"))
     info = install_profile(args.source)
     print(f"Agent '{info['name']}' installed: {info['path']}")
     if info["unresolved_vars"]:
@@ -5340,6 +5539,12 @@ def cmd_mcp(args):
     return run_mcp_server()
 
 
+@command("ops-mcp", "run the MCP server for an agent outside cao (same as cao-ops-mcp-server)")
+def cmd_ops_mcp(args):
+    return run_mcp_server(OPS_TOOLS, "cao-ops-mcp", "Tools to start, watch, message and end "
+                                                   "cao sessions of coding agents")
+
+
 @command("hook", "report an agent's state from its CLI's hooks (used by providers)",
          option("status", choices=("processing", "completed", "waiting_user_answer")),
          option("payload", nargs="*", type=str, help=argparse.SUPPRESS))
@@ -5415,7 +5620,7 @@ def _argv_problem(argv):
 def main(argv=None, prog=None):
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = {"cao-server": "server", "cao-mcp-server": "mcp"}.get(prog)
+    command = {"cao-server": "server", "cao-mcp-server": "mcp", "cao-ops-mcp-server": "ops-mcp"}.get(prog)
     if command:
         argv = [command] + argv
     problem = _argv_problem(argv)
@@ -5441,6 +5646,10 @@ def server_main():
 
 def mcp_main():
     sys.exit(main(prog="cao-mcp-server"))
+
+
+def ops_mcp_main():
+    sys.exit(main(prog="cao-ops-mcp-server"))
 
 
 def cli_main():

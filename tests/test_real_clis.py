@@ -268,7 +268,7 @@ def test_real_restrictions_reach_the_cli(real_env, mock, provider):
     if not installed(provider):
         pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
     env = real_env(provider)
-    env.profile("reader", provider, "You only read.", allowedTools=["fs_read", "@cao-mcp-server"])
+    env.profile("reader", provider, "You only read.", role="reviewer")  # upstream's read-only role
     term = env.start(provider, profile="reader")["id"]
     env.send(term, "what tools do you have")
     env.wait_status(term, "completed")
@@ -280,7 +280,7 @@ def test_real_restrictions_reach_the_cli(real_env, mock, provider):
         denied = {n for tool in ("execute_bash", "fs_write", "web_fetch") for n in native.get(tool, [])}
         assert not denied & offered, main["tool_names"]
     else:  # soft: the model is told
-        assert "Only use these tools: fs_read, @cao-mcp-server" in \
+        assert "Only use these tools: @builtin, fs_read, fs_list, @cao-mcp-server" in \
             main["system_text"] + json.dumps(main["body"]), main["system_text"][-500:]
 
 

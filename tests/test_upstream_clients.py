@@ -61,3 +61,81 @@ def test_upstream_agent_mcp_server_hands_off_assigns_messages_and_loads_skills(s
     wait_for(lambda: any(m["status"] == "delivered" and m["message"].startswith("result: 42")
                          for m in server.request("GET", f"/terminals/{sup['id']}/inbox/messages")[1]),
              30, what="the worker's report in the supervisor's inbox")
+
+
+UPSTREAM_CAO = VENV / "bin" / "cao"
+
+
+def _pane_env(env, session, name):
+    """A variable as the agent process of a session's first pane sees it."""
+    for line in env.tmux("list-panes", "-a", "-F", "#{pane_pid} #{session_name}").stdout.splitlines():
+        pid, pane_session = line.split()
+        if pane_session == session:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            return next((v.split(b"=", 1)[1].decode() for v in environ
+                         if v.startswith(name.encode() + b"=")), None)
+    return None
+
+
+def test_upstream_cli_launches_sends_installs_and_shuts_down(server, tmp_path):
+    home = tmp_path / "upstream-home"  # upstream writes agent files under HOME
+    home.mkdir()
+    env = {**server.env, "CAO_API_HOST": "127.0.0.1", "HOME": str(home)}
+
+    def upstream(*args):
+        import subprocess
+        done = subprocess.run([str(UPSTREAM_CAO), *args], env=env, cwd=server.workdir,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (args, done.stdout[-800:], done.stderr[-800:])
+        return done.stdout
+    assert "done: hello there" in upstream("launch", "--agents", "developer", "--headless",
+                                           "--auto-approve", "--session-name", "u1", "hello there")
+    upstream("launch", "--agents", "developer", "--headless", "--auto-approve", "--session-name",
+             "u2", "--async", "background task")
+    upstream("launch", "--agents", "developer", "--headless", "--auto-approve", "--session-name",
+             "u3", "--env", "TEAM_COLOR=blue")
+    assert _pane_env(server, "cao-u3", "TEAM_COLOR") == "blue"
+    # A worker started later in that session gets the variable too.
+    code, worker = server.request("POST", "/sessions/cao-u3/terminals",
+                                  {"agent_profile": "developer", "provider": "demo"})
+    assert code == 201, worker
+    pids = server.tmux("list-panes", "-s", "-t", "=cao-u3", "-F", "#{pane_pid}").stdout.split()
+    assert all(b"TEAM_COLOR=blue" in Path(f"/proc/{p}/environ").read_bytes() for p in pids)
+    assert len(pids) == 2
+    listed = upstream("session", "list")
+    assert all(s in listed for s in ("cao-u1", "cao-u2", "cao-u3"))
+    assert "done: hello there" in upstream("session", "status", "u1")
+    assert "done: again" in upstream("session", "send", "u1", "again")
+    assert "installed" in upstream("install", "developer")
+    assert "cao-worker-protocols" in upstream("skills", "list")
+    upstream("shutdown", "--all")
+    assert server.request("GET", "/sessions")[1] == []
+
+
+def test_upstream_ops_mcp_server_runs_every_tool(server):
+    from test_ops_mcp import OPS_TOOLS, ops_calls
+    command = [str(VENV / "bin" / "cao-ops-mcp-server")]
+    server.env.update(CAO_API_HOST="127.0.0.1")
+    names, (launched,) = ops_calls(server, [("launch_session", {
+        "agent_profile": "developer", "session_name": "upops", "initial_message": "first"})],
+        command=command)
+    assert OPS_TOOLS <= names
+    assert launched["success"], launched
+    tid = launched["terminal_id"]
+    wait_for(lambda: server.request("GET", f"/terminals/{tid}")[1]["status"] == "completed", 30,
+             what="the first answer")
+    _, results = ops_calls(server, [
+        ("list_profiles", {}), ("get_profile_details", {"name": "developer"}),
+        ("install_profile", {"source": "reviewer"}), ("list_sessions", {}),
+        ("get_session_info", {"session_name": "cao-upops"}),
+        ("get_terminal_status", {"terminal_id": tid}), ("get_terminal_output", {"terminal_id": tid}),
+        ("read_session_output", {"terminal_id": tid, "mode": "last"}),
+        ("send_session_message", {"terminal_id": tid, "message": "second"}),
+        ("shutdown_session", {"session_name": "cao-upops"})], command=command)
+    texts = [json.dumps(r) for r in results]
+    assert "developer" in texts[0] and "developer" in texts[1]
+    assert results[2]["success"], results[2]  # POST /agents/profiles/install
+    assert "cao-upops" in texts[3] and tid in texts[4]
+    assert "completed" in texts[5] and "done: first" in texts[6] and "done: first" in texts[7]
+    assert "success" in texts[8] and results[8].get("success") is not False, results[8]
+    assert results[9].get("success") is not False, results[9]
