@@ -3581,13 +3581,19 @@ class MemoryStore:
                  "score": "score, m.updated_at DESC"}[sort_by]
         words = re.findall(r"\w+", query or "")
         if words and self.fts and search_mode != "substring":
-            match = " OR ".join('"' + w.replace('"', '') + '"' for w in words[:32])
-            rows = self.store.query(
-                f"SELECT m.*, bm25(memories_fts) AS score FROM memories_fts JOIN memories m"
-                f" ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? AND {where}"
-                f" ORDER BY {order} LIMIT ?", (match, *args, limit))
+            # Notes with every word first (a narrow match, quick to rank), then any word.
+            quoted = ['"' + w + '"' for w in words[:32]]
+            rows = []
+            for match in (" ".join(quoted), " OR ".join(quoted)) if len(quoted) > 1 else quoted:
+                seen = {r["id"] for r in rows}
+                rows += [r for r in self.store.query(
+                    f"SELECT m.*, bm25(memories_fts) AS score FROM memories_fts JOIN memories m"
+                    f" ON m.id = memories_fts.rowid WHERE memories_fts MATCH ? AND {where}"
+                    f" ORDER BY {order} LIMIT ?", (match, *args, limit)) if r["id"] not in seen]
+                if len(rows) >= limit:
+                    break
             if rows or search_mode == "keyword":
-                return [_memory_json(r, -r["score"]) for r in rows]
+                return [_memory_json(r, -r["score"]) for r in rows[:limit]]
         if words:  # no index, or nothing matched a word: any note containing one
             where += " AND (" + " OR ".join("m.content LIKE ? ESCAPE '\\' OR m.key LIKE ? ESCAPE '\\'"
                                             for _ in words[:32]) + ")"

@@ -36,7 +36,9 @@ once).
 Runs interleave the modes (eager/off, then off/eager, ...) so that machine load hits
 both alike; one untimed warm-up run per provider comes first (--warmup 0 drops it).
 Cleanup per run: RealEnv.cleanup (SIGKILL to the process groups of every pane and
-the tmux server, the cao server by PID), the private tmux socket file, the temp dir.
+the tmux server, the cao server by PID), the private tmux socket file, then SIGKILL by
+PID to any process still carrying the run's private dirs in its environment (Claude
+Code's detached `cao hook`s), then the private CAO_HOME_DIR and the temp dir.
 
     .venv/bin/python bench/bench_eager.py [--runs N] [--providers claude_code,kimi_cli]
                                           [--warmup N] [--json out.json]
@@ -50,6 +52,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -63,6 +66,7 @@ for _p in (str(REPO), str(REPO / "tests")):
         sys.path.insert(0, _p)
 
 import cao  # noqa: E402
+from conftest import kill_pid  # noqa: E402
 from mock_llm import MockLLM  # noqa: E402
 from real_cli_setup import BINARIES, CLIS, installed  # noqa: E402
 from test_real_clis import RealEnv  # noqa: E402
@@ -115,8 +119,13 @@ def one_run(provider, eager):
                                    {"sender_id": "bench", "message": "TURN-TWO please"})
         if code != 200:
             raise RuntimeError(f"inbox POST: {code} {posted}")
-        second = wait_until(lambda: main_with("TURN-TWO"), TIMEOUT,
-                            "TURN-TWO request at the mock")[0]
+        try:
+            second = wait_until(lambda: main_with("TURN-TWO"), TIMEOUT,
+                                "TURN-TWO request at the mock")[0]
+        except TimeoutError as e:
+            inbox = env.request("GET", f"/terminals/{term}/inbox/messages")[1]
+            raise TimeoutError(f"{e}; inbox row {inbox[0]['status'] if inbox else None}, status "
+                               f"{env.status(term)}, screen end {env.screen(term)[-400:]!r}") from None
         first = main_with("TURN-ONE")[0]
         wait_until(lambda: first["last_byte_at"], TIMEOUT, "end of the TURN-ONE stream")
         wait_until(lambda: env.status(term) == "completed" and "ANSWER-TWO" in env.screen(term),
@@ -143,10 +152,40 @@ def one_run(provider, eager):
     finally:
         if env is not None:
             env.cleanup()
-            sock = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}" / env.socket
+            sock = Path(env.env.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}" / env.socket
             sock.unlink(missing_ok=True)
+            stop_leftovers((str(tmp), str(env.home)))
+            shutil.rmtree(env.home, ignore_errors=True)
         mock.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stop_leftovers(markers):
+    """SIGKILL, by PID, processes whose environment names this run's private dirs.
+
+    Claude Code runs cao's hooks (`cao hook`) detached from the pane's process group,
+    so RealEnv.cleanup's killpg misses one that is still running; such a hook then
+    recreates CAO_HOME_DIR after it was removed. Only this run's processes carry
+    these (random) paths."""
+    needles = [m.encode() for m in markers]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(n in environ for n in needles):
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            pids.append((int(entry.name), cmd[:80].strip()))
+    for pid, _ in pids:
+        kill_pid(pid, signal.SIGKILL)
+    if pids:
+        log(f"killed {len(pids)} leftover process(es) of the run by PID: {pids}")
 
 
 def fmt(x):
