@@ -1089,6 +1089,18 @@ class Client:
         return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/siblings",
                          {"depth": depth, "cross_session": "true" if cross_session else None})
 
+    def flows(self):
+        return self.call("GET", "/flows")
+
+    def add_flow(self, **flow):
+        return self.call("POST", "/flows", body=flow)
+
+    def flow_action(self, name, action):
+        """POST /flows/{name}/{run|enable|disable}, or DELETE for remove."""
+        if action == "remove":
+            return self.call("DELETE", f"/flows/{name}")
+        return self.call("POST", f"/flows/{name}/{action}", timeout=300)
+
     def skills(self):
         return self.call("GET", "/skills")
 
@@ -1197,6 +1209,13 @@ MIGRATIONS = [
     """
     ALTER TABLE sessions ADD COLUMN env_vars TEXT;
     ALTER TABLE terminals ADD COLUMN initial_delivery TEXT;
+    """,
+    """
+    CREATE TABLE flows (
+        name TEXT PRIMARY KEY, file_path TEXT NOT NULL, schedule TEXT NOT NULL,
+        agent_profile TEXT NOT NULL, provider TEXT, script TEXT,
+        enabled INTEGER NOT NULL DEFAULT 1, last_run REAL, last_result TEXT,
+        last_reason TEXT, next_run REAL);
     """,
 ]
 EVENTS_KEPT = 10000
@@ -3925,6 +3944,247 @@ def load_skill(name: str) -> str:
 
 
 ###############################################################################
+# Flows #######################################################################
+###############################################################################
+
+# A flow starts an agent session on a cron schedule: Markdown with frontmatter
+# `name`, `schedule` (5-field cron), `agent_profile`, optional `provider` and
+# `script`; the body is the prompt, whose [[key]]s a gating script fills. Files
+# live in CAO_HOME_DIR/flows; their last and next runs are in the database. The
+# scheduler sleeps until the next due time, and a run missed while the server
+# was down happens once when it starts.
+
+FLOW_SCRIPT_TIMEOUT = 30.0
+_PLACEHOLDER = re.compile(r"\[\[(\w+)\]\]")
+FLOW_FIELDS = ("name", "schedule", "agent_profile", "provider", "script")
+
+
+def next_cron_time(schedule, after):
+    """The first time after `after` (epoch seconds) that a 5-field cron line names."""
+    croniter = import_optional("croniter", "flows").croniter
+    if not isinstance(schedule, str) or len(schedule.split()) != 5 or not croniter.is_valid(schedule):
+        raise CaoError(f"schedule {schedule!r} is not a 5-field cron line; use one such as "
+                       "\"30 7 * * 1-5\" (minute hour day month weekday)")
+    import datetime
+    start = datetime.datetime.fromtimestamp(after)
+    return croniter(schedule, start).get_next(float)
+
+
+def check_flow(fields, where="flow"):
+    """The flow's fields, checked; a problem names the field and the fix."""
+    name = fields.get("name")
+    if not isinstance(name, str) or not PROFILE_NAME_RE.fullmatch(name):
+        raise CaoError(f"{where}: name {name!r} must be 1-64 letters, digits, _ or -")
+    _check_profile_name(fields.get("agent_profile"))
+    next_cron_time(fields.get("schedule"), time.time())
+    provider = fields.get("provider")
+    if provider is not None:
+        get_provider(provider)
+    script = fields.get("script")
+    if script is not None and (not isinstance(script, str) or not script):
+        raise CaoError(f"{where}: script must be a path to an executable file")
+    prompt = fields.get("prompt_template")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise CaoError(f"{where}: the prompt (the file's body, or prompt_template) is empty")
+    check_message(prompt)
+    return {k: fields.get(k) for k in FLOW_FIELDS} | {"prompt_template": prompt.strip() + "\n"}
+
+
+def flow_file_text(flow):
+    """A flow file; every value is written as a JSON string, which YAML reads back as
+    the same string, so no value can add a line of frontmatter."""
+    front = "".join(f"{k}: {json.dumps(flow[k])}\n" for k in FLOW_FIELDS if flow.get(k) is not None)
+    return f"---\n{front}---\n{flow['prompt_template']}"
+
+
+def read_flow_file(path):
+    meta, body = parse_frontmatter(Path(path).read_text(encoding="utf-8"), str(path))
+    return {**{k: meta.get(k) for k in FLOW_FIELDS}, "prompt_template": body}
+
+
+def run_flow_script(script, root, timeout):
+    """{"execute": bool, "output": {...}} from a gating script; a problem is a CaoError."""
+    path = Path(script)
+    if not within(path, root) or not path.is_file() or not os.access(path, os.X_OK):
+        raise CaoError(f"script {script} must be an executable file inside {root}")
+    try:
+        done = subprocess.run([str(path)], cwd=str(root), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise CaoError(f"script {path.name} ran longer than {timeout:g} s")
+    except OSError as e:
+        raise CaoError(f"script {path.name} could not run: {e.strerror}")
+    if done.returncode != 0:
+        tail = " ".join(done.stderr.split())[-200:]
+        raise CaoError(f"script {path.name} exited with {done.returncode}: {tail or '(no stderr)'}")
+    try:
+        result = json.loads(done.stdout)
+    except ValueError:
+        raise CaoError(f"script {path.name} printed no JSON object "
+                       '(want {"execute": true, "output": {...}})')
+    if not isinstance(result, dict) or not isinstance(result.get("execute"), bool) or \
+            not isinstance(result.get("output", {}), dict):
+        raise CaoError(f"script {path.name} must print {{\"execute\": true|false, \"output\": {{...}}}}")
+    return result
+
+
+def fill_prompt(template, values):
+    missing = sorted({k for k in _PLACEHOLDER.findall(template) if k not in values})
+    if missing:
+        raise CaoError(f"the prompt uses [[{']], [['.join(missing)}]] but the script's output has "
+                       "no such key")
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
+
+
+class Flows(threading.Thread):
+    """The flows and their scheduler: one thread that sleeps until the next flow is
+    due (or a change wakes it), then starts each due flow in its own thread."""
+
+    def __init__(self, store, sessions):
+        super().__init__(daemon=True, name="flows")
+        self.store, self.sessions = store, sessions
+        self.root = ensure_home() / "flows"
+        self.wake = threading.Event()
+        self.running, self.guard = set(), threading.Lock()
+        self.stopping = False
+
+    # -- the flow table ------------------------------------------------------
+    def _json(self, row):
+        flow = {"name": row["name"], "file_path": row["file_path"], "schedule": row["schedule"],
+                "agent_profile": row["agent_profile"], "provider": row["provider"],
+                "engine": None, "script": row["script"], "enabled": bool(row["enabled"]),
+                "last_run": _iso(row["last_run"]), "next_run": _iso(row["next_run"]),
+                "last_result": row["last_result"], "last_reason": row["last_reason"],
+                "running": row["name"] in self.running}
+        try:
+            flow["prompt_template"] = read_flow_file(row["file_path"])["prompt_template"]
+        except (OSError, CaoError) as e:
+            flow["prompt_template"], flow["error"] = None, str(e)
+        return flow
+
+    def _row(self, name):
+        row = self.store.one("SELECT * FROM flows WHERE name = ?", (name,))
+        if not row:
+            raise NotFound(f"flow {name!r} not found; list flows with `cao flow list`")
+        return row
+
+    def listing(self):
+        return [self._json(r) for r in self.store.query("SELECT * FROM flows ORDER BY name")]
+
+    def get(self, name):
+        return self._json(self._row(name))
+
+    def add(self, fields):
+        flow = check_flow(fields)
+        if flow["script"] is not None:
+            script = Path(flow["script"])
+            flow["script"] = str(script if script.is_absolute() else self.root / script)
+            if not within(flow["script"], self.root):
+                raise CaoError(f"script {fields['script']} must be inside {self.root}; "
+                               "`cao flow add FILE` copies a flow's script there")
+        path = self.root / f"{flow['name']}.flow.md"
+        write_inside(path, ensure_home(), flow_file_text(flow), mode=0o644)
+        next_run = next_cron_time(flow["schedule"], time.time())
+        with self.store.lock:
+            self.store.execute("DELETE FROM flows WHERE name = ?", (flow["name"],))
+            self.store.insert(
+                "INSERT INTO flows(name, file_path, schedule, agent_profile, provider, script,"
+                " enabled, next_run) VALUES (?,?,?,?,?,?,1,?)",
+                (flow["name"], str(path), flow["schedule"], flow["agent_profile"],
+                 flow["provider"], flow["script"], next_run))
+        self.wake.set()
+        return self.get(flow["name"])
+
+    def remove(self, name):
+        row = self._row(name)
+        self.store.execute("DELETE FROM flows WHERE name = ?", (name,))
+        try:
+            os.unlink(row["file_path"])
+        except OSError:
+            pass
+        return {"success": True}
+
+    def enable(self, name, enabled):
+        row = self._row(name)
+        next_run = next_cron_time(row["schedule"], time.time()) if enabled else row["next_run"]
+        self.store.execute("UPDATE flows SET enabled = ?, next_run = ? WHERE name = ?",
+                           (int(enabled), next_run, name))
+        self.wake.set()
+        return {"success": True}
+
+    # -- running ---------------------------------------------------------------
+    def run_flow(self, name):
+        """Run a flow now: gate, fill the prompt, start its session. Returns the outcome;
+        a failure is recorded with its reason, never raised at the scheduler."""
+        row = self._row(name)
+        with self.guard:
+            if name in self.running:
+                return self._record(row, "busy", "the previous run is still starting")
+            self.running.add(name)
+        try:
+            return self._run(row)
+        except CaoError as e:
+            return self._record(row, "failed", str(e))
+        finally:
+            with self.guard:
+                self.running.discard(name)
+
+    def _run(self, row):
+        flow = read_flow_file(row["file_path"])
+        values = {}
+        if row["script"]:
+            timeout = float(os.environ.get("CAO_FLOW_SCRIPT_TIMEOUT") or FLOW_SCRIPT_TIMEOUT)
+            gate = run_flow_script(row["script"], self.root, timeout)
+            if not gate["execute"]:
+                return self._record(row, "skipped", "the script said execute: false")
+            values = gate.get("output", {})
+        prompt = fill_prompt(flow["prompt_template"], values)
+        session = f"{SESSION_PREFIX}flow-{row['name']}"
+        old = self.store.one("SELECT id FROM terminals WHERE session_name = ? ORDER BY created_at"
+                             " LIMIT 1", (session,))
+        if old and self.sessions.terminals.tracker.status(old["id"]) == "processing":
+            return self._record(row, "busy", f"its last session {session} is still working")
+        if old or session in tmux_sessions():
+            self.sessions.terminals.end_session(session)
+            for term in self.store.query("SELECT id FROM terminals WHERE session_name = ?", (session,)):
+                self.sessions.terminals.forget(term["id"], "its flow ran again")
+        term = self.sessions.create(row["agent_profile"], row["provider"], session,
+                                    initial_message=prompt)
+        return self._record(row, "executed", None, session=session, terminal_id=term["id"])
+
+    def _record(self, row, result, reason, **more):
+        now = time.time()
+        self.store.execute("UPDATE flows SET last_run = ?, last_result = ?, last_reason = ?"
+                           " WHERE name = ?", (now, result, reason, row["name"]))
+        self.store.emit("flow_run", more.get("session"), more.get("terminal_id"),
+                        flow=row["name"], result=result, reason=reason)
+        return {"success": result != "failed", "executed": result == "executed",
+                "result": result, "reason": reason, **more}
+
+    # -- the scheduler -----------------------------------------------------------
+    def run(self):
+        while not self.stopping:
+            now = time.time()
+            due = self.store.query("SELECT * FROM flows WHERE enabled = 1 AND next_run <= ?", (now,))
+            for row in due:
+                try:  # a missed run happens once, however many times it was due
+                    next_run = next_cron_time(row["schedule"], now)
+                except CaoError:
+                    next_run = None
+                self.store.execute("UPDATE flows SET next_run = ? WHERE name = ?",
+                                   (next_run, row["name"]))
+                threading.Thread(target=self.run_flow, args=(row["name"],), daemon=True,
+                                 name=f"flow-{row['name']}").start()
+            soonest = self.store.one("SELECT MIN(next_run) AS t FROM flows WHERE enabled = 1")["t"]
+            self.wake.wait(3600 if soonest is None else max(0.0, min(3600, soonest - time.time())))
+            self.wake.clear()
+
+    def stop(self):
+        self.stopping = True
+        self.wake.set()
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -3949,6 +4209,7 @@ class App:
         self.typist.first_input = self.memory.preface
         self.skills = SkillStore(ensure_home() / "skills")
         self.terminals.launch_hooks.append(self.skills.deliver)
+        self.flows = Flows(store, self.sessions)
 
     def start(self):
         self.skills.seed()
@@ -3956,8 +4217,10 @@ class App:
         self.watcher.start()
         self.inbox.recover()
         self.handoffs.recover()
+        self.flows.start()
 
     def stop(self):
+        self.flows.stop()
         self.watcher.stop()
         self.watcher.join(timeout=5)
         self.store.close()
@@ -4256,6 +4519,42 @@ def _terminal_memory_context(app, req):
 @route("GET", r"/settings/memory")
 def _memory_settings_route(app, req):
     return {"enabled": memory_enabled(), "learning_enabled": False}
+
+
+# -- routes: flows -------------------------------------------------------------
+
+@route("GET", r"/flows")
+def _flows(app, req):
+    return app.flows.listing()
+
+
+@route("POST", r"/flows", 201)
+def _add_flow(app, req):
+    if not isinstance(req.body, dict):
+        raise CaoError("send the flow as a JSON object: name, schedule, agent_profile, "
+                       "prompt_template, and optionally provider and script")
+    fields = {k: req.arg(k) for k in FLOW_FIELDS + ("prompt_template",)}
+    return app.flows.add(fields)
+
+
+@route("GET", r"/flows/(?P<name>[^/]+)")
+def _flow(app, req):
+    return app.flows.get(req.params["name"])
+
+
+@route("DELETE", r"/flows/(?P<name>[^/]+)")
+def _remove_flow(app, req):
+    return app.flows.remove(req.params["name"])
+
+
+@route("POST", r"/flows/(?P<name>[^/]+)/(?P<switch>enable|disable)")
+def _switch_flow(app, req):
+    return app.flows.enable(req.params["name"], req.params["switch"] == "enable")
+
+
+@route("POST", r"/flows/(?P<name>[^/]+)/run")
+def _run_flow(app, req):
+    return app.flows.run_flow(app.flows.get(req.params["name"])["name"])
 
 
 # -- routes: skills ------------------------------------------------------------
@@ -5019,7 +5318,9 @@ def run_demo_agent(profile):
 COMMANDS = []  # [(name, help, options, function)]
 COMMAND_GROUPS = {"session": "list, inspect and message sessions", "terminal": "terminal tools",
                   "memory": "what agents stored with memory_store: list, show, delete",
-                  "skills": "guides agents load on demand: list, add, remove"}
+                  "skills": "guides agents load on demand: list, add, remove",
+                  "flow": "scheduled agent sessions: add, list, run, remove, enable, disable",
+                  "schedule": "the same as `cao flow` (upstream's name)"}
 
 
 def option(*names, **kwargs):
@@ -5366,6 +5667,68 @@ def cmd_session_inbox(args):
             print(f"{r['id']:>6} {r['sender_id']:<10} {r['status']:<11} {r['created_at']:<20} "
                   f"{text}{reason}")
     return 0
+
+
+def cmd_flow_add(args):
+    source = Path(args.file_path).expanduser()
+    if not source.is_file():
+        raise CaoError(f"{args.file_path} is not a file; pass a flow's .md file")
+    flow = read_flow_file(source)
+    if flow.get("script"):  # the server runs only scripts inside its own flows folder
+        script = (source.parent / flow["script"]).resolve()
+        if not script.is_file():
+            raise CaoError(f"the flow's script {flow['script']} is not a file next to {source.name}")
+        name = check_flow(flow, str(source))["name"]
+        target = ensure_home() / "flows" / "scripts" / f"{name}-{script.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_inside(target, ensure_home(), script.read_text(encoding="utf-8"), mode=0o755)
+        flow["script"] = str(target)
+    client = Client()
+    ensure_server(client)
+    added = client.add_flow(**flow)
+    print(f"Flow {added['name']} added: {added['schedule']} runs {added['agent_profile']}; "
+          f"next run {added['next_run']}")
+    return 0
+
+
+def cmd_flow_list(args):
+    flows = Client().flows()
+    if args.json:
+        print(json.dumps(flows, indent=2))
+    elif not flows:
+        print("No flows. Add one with `cao flow add FILE`.")
+    else:
+        print(f"{'NAME':<20} {'SCHEDULE':<15} {'AGENT':<16} {'ON':<4} {'NEXT RUN':<20} LAST RUN")
+        for f in flows:
+            last = f"{f['last_run']} {f['last_result']}" if f["last_run"] else "-"
+            reason = f" ({f['last_reason']})" if f["last_reason"] else ""
+            print(f"{f['name']:<20} {f['schedule']:<15} {f['agent_profile']:<16} "
+                  f"{'yes' if f['enabled'] else 'no':<4} {f['next_run'] or '-':<20} {last}{reason}")
+    return 0
+
+
+def cmd_flow_action(args, action):
+    result = Client().flow_action(args.name, action)
+    if action == "run":
+        where = f" in session {result['session']}" if result.get("session") else ""
+        print(f"Flow {args.name}: {result['result']}{where}"
+              + (f" ({result['reason']})" if result.get("reason") else ""))
+        return 0 if result["success"] else 1
+    print(f"Flow {args.name}: {action}d." if action != "remove" else f"Flow {args.name} removed.")
+    return 0
+
+
+def _flow_command(action):
+    return lambda args: cmd_flow_action(args, action)
+
+
+for _group in ("flow", "schedule"):
+    command(f"{_group} add", "add a flow from its .md file", option("file_path"))(cmd_flow_add)
+    command(f"{_group} list", "flows with their last and next run", JSON_OUT)(cmd_flow_list)
+    for _action, _help in (("run", "run a flow now"), ("remove", "remove a flow"),
+                           ("enable", "turn a flow's schedule on"),
+                           ("disable", "turn a flow's schedule off")):
+        command(f"{_group} {_action}", _help, option("name"))(_flow_command(_action))
 
 
 def _skill_store():
