@@ -2753,6 +2753,12 @@ class Terminals:
             self.tracker.wait_ready(terminal_id, 120)
             self.typist.send(terminal_id, message)
             outcome = {"state": "delivered"}
+            caller = self.store.one("SELECT caller_id, session_name FROM terminals WHERE id = ?",
+                                    (terminal_id,))
+            if caller and caller["caller_id"]:
+                self.store.emit("message_sent", caller["session_name"], terminal_id,
+                                sender=caller["caller_id"], message=message,
+                                orchestration_type="assign")
         except CaoError as e:
             outcome = {"state": "failed", "kind": type(e).__name__, "message": str(e)}
             row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
@@ -2786,8 +2792,8 @@ class Terminals:
 
     def forget(self, terminal_id, reason):
         """Drop every trace of a terminal; the last one of a session ends the session."""
-        row = self.store.one("SELECT session_name, worktree FROM terminals WHERE id = ?",
-                             (terminal_id,))
+        row = self.store.one("SELECT session_name, worktree, agent_profile FROM terminals"
+                             " WHERE id = ?", (terminal_id,))
         if row and row["worktree"]:
             worktree_remove(json.loads(row["worktree"]))
         self.watcher.remove(terminal_id)
@@ -2797,7 +2803,8 @@ class Terminals:
             return
         self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
         self.bus.publish("terminal_removed", terminal_id=terminal_id, reason=reason)
-        self.store.emit("terminal_deleted", row["session_name"], terminal_id, reason=reason)
+        self.store.emit("terminal_deleted", row["session_name"], terminal_id, reason=reason,
+                        agent_profile=row["agent_profile"])
         if not self.store.one("SELECT 1 AS x FROM terminals WHERE session_name = ?",
                               (row["session_name"],)):
             self.end_session(row["session_name"])
@@ -3013,6 +3020,9 @@ class Inbox:
             self._set_rows(ids, "delivered")
             tmux("delete-buffer", "-b", buffer, check=False)
             self.store.emit("message_delivered", None, receiver_id, message_ids=ids)
+            for r in batch:
+                self.store.emit("message_sent", None, receiver_id, sender=r["sender_id"],
+                                message=r["message"], orchestration_type="send_message")
 
 
 
@@ -3068,6 +3078,9 @@ class Handoffs:
             wid = worker["id"]
             self.store.execute("UPDATE handoff_jobs SET terminal_id = ? WHERE job_id = ?", (wid, job_id))
             self.typist.send(wid, prompt)
+            if caller_id:
+                self.store.emit("message_sent", worker["session_name"], wid, sender=caller_id,
+                                message=prompt, orchestration_type="handoff")
         except CaoError as e:
             self._finish(job_id, "error", error=str(e))
             raise
@@ -4185,6 +4198,332 @@ class Flows(threading.Thread):
 
 
 ###############################################################################
+# Plugins and webhooks ########################################################
+###############################################################################
+
+# Observers of what happens in cao. Each plugin (and each webhook) follows the
+# event log in its own thread, from its own cursor: it runs off every request's
+# path, a slow or failing one holds up only itself, and none misses an event.
+# Plugins written for upstream cao load unchanged: without upstream installed,
+# `cli_agent_orchestrator.plugins` is provided here with the same names.
+
+PLUGIN_GROUP = "cao.plugins"
+PLUGIN_TIMEOUT = 10.0
+HOOK_MARK = "_cao_hook_event"  # the attribute upstream's hook() sets on a method
+WEBHOOK_FORMATS = ("json", "discord", "slack", "telegram")
+PLUGIN_EVENTS = ("post_send_message", "post_create_session", "post_kill_session",
+                 "post_create_terminal", "post_kill_terminal", "post_status_change")
+
+
+def plugin_event(event):
+    """(event type, fields) of a plugin event for one row of the event log, or None."""
+    data, session = event["data"], event["session_name"]
+    kind, terminal = event["kind"], event["terminal_id"]
+    if kind == "session_created":
+        return "post_create_session", {"session_name": session}
+    if kind == "session_deleted":
+        return "post_kill_session", {"session_name": session}
+    if kind == "terminal_created":
+        return "post_create_terminal", {"terminal_id": terminal, "agent_name": data.get("agent_profile"),
+                                        "provider": data.get("provider", "")}
+    if kind == "terminal_deleted":
+        return "post_kill_terminal", {"terminal_id": terminal, "agent_name": data.get("agent_profile")}
+    if kind == "message_sent":
+        return "post_send_message", {"sender": data["sender"], "receiver": terminal,
+                                     "message": data["message"],
+                                     "orchestration_type": data["orchestration_type"]}
+    if kind == "status":
+        return "post_status_change", {"terminal_id": terminal, "status": data["status"],
+                                      "previous": data.get("previous")}
+    return None
+
+
+def _plugin_api():
+    """The module plugins import: upstream's if it is installed, else cao's stand-in."""
+    try:
+        import cli_agent_orchestrator.plugins as api
+        return api
+    except ImportError:
+        pass
+    import dataclasses
+    import datetime
+    import types
+
+    def _now():
+        return datetime.datetime.now(datetime.timezone.utc)
+
+    @dataclasses.dataclass
+    class CaoEvent:
+        event_type: str = ""
+        timestamp: datetime.datetime = dataclasses.field(default_factory=_now)
+        session_id: str | None = None
+        traceparent: str | None = None
+
+    def event_class(name, event_type, **fields):
+        annotations = {"event_type": str, **{k: type(v) if v is not None else str | None
+                                             for k, v in fields.items()}}
+        namespace = {"__annotations__": annotations, "event_type": event_type, **fields}
+        return dataclasses.dataclass(type(name, (CaoEvent,), namespace))
+
+    class CaoPlugin:
+        """Base of a cao plugin: async setup() and teardown(), on_mcp_server(mcp), and
+        async methods marked @hook("event_type")."""
+        async def setup(self):
+            pass
+
+        async def teardown(self):
+            pass
+
+        def on_mcp_server(self, mcp):
+            pass
+
+    def hook(event_type):
+        def mark(method):
+            setattr(method, HOOK_MARK, event_type)
+            return method
+        return mark
+
+    api = types.ModuleType("cli_agent_orchestrator.plugins")
+    api.CaoPlugin, api.hook, api.CaoEvent = CaoPlugin, hook, CaoEvent
+    api.PostSendMessageEvent = event_class("PostSendMessageEvent", "post_send_message", sender="",
+                                           receiver="", message="", orchestration_type="")
+    api.PostCreateSessionEvent = event_class("PostCreateSessionEvent", "post_create_session",
+                                             session_name="")
+    api.PostKillSessionEvent = event_class("PostKillSessionEvent", "post_kill_session",
+                                           session_name="")
+    api.PostCreateTerminalEvent = event_class("PostCreateTerminalEvent", "post_create_terminal",
+                                              terminal_id="", agent_name=None, provider="")
+    api.PostKillTerminalEvent = event_class("PostKillTerminalEvent", "post_kill_terminal",
+                                            terminal_id="", agent_name=None)
+    api.PostStatusChangeEvent = event_class("PostStatusChangeEvent", "post_status_change",
+                                            terminal_id="", status="", previous=None)
+    package = types.ModuleType("cli_agent_orchestrator")
+    package.__path__, package.plugins = [], api
+    sys.modules.setdefault("cli_agent_orchestrator", package)
+    sys.modules.setdefault("cli_agent_orchestrator.plugins", api)
+    return api
+
+
+_EVENT_CLASSES = {"post_send_message": "PostSendMessageEvent",
+                  "post_create_session": "PostCreateSessionEvent",
+                  "post_kill_session": "PostKillSessionEvent",
+                  "post_create_terminal": "PostCreateTerminalEvent",
+                  "post_kill_terminal": "PostKillTerminalEvent",
+                  "post_status_change": "PostStatusChangeEvent"}
+
+
+class EventFollower(threading.Thread):
+    """Follows the event log from a cursor and hands each plugin event to deliver()."""
+
+    def __init__(self, store, name, cursor):
+        super().__init__(daemon=True, name=f"plugin-{name}")
+        self.store, self.label, self.cursor = store, name, cursor
+        self.stats = {"delivered": 0, "failed": 0, "timed_out": 0, "last_error": None}
+        self.stopping = False
+
+    def run(self):
+        while not self.stopping:
+            for event in self.store.events_after(self.cursor, wait=5.0):
+                self.cursor = event["seq"]
+                mapped = plugin_event(event)
+                if mapped:
+                    try:
+                        self.deliver(*mapped, event)
+                    except Exception as e:  # one observer's fault never stops the others
+                        self.failed(e)
+
+    def failed(self, error, timed_out=False):
+        self.stats["timed_out" if timed_out else "failed"] += 1
+        self.stats["last_error"] = f"{type(error).__name__}: {error}"[:300]
+        print(f"cao: plugin {self.label}: {self.stats['last_error']}", file=sys.stderr, flush=True)
+
+    def info(self):
+        behind = max(0, self.store.last_event_seq() - self.cursor)
+        return {"name": self.label, "behind": behind, **self.stats}
+
+
+class PluginRunner(EventFollower):
+    """One plugin: its own thread and asyncio loop; each hook call has a time limit."""
+
+    def __init__(self, store, name, source, plugin, cursor):
+        super().__init__(store, name, cursor)
+        self.source, self.plugin = source, plugin
+        self.hooks = {}
+        for attr in dir(type(plugin)):
+            method = getattr(plugin, attr, None)
+            event_type = getattr(method, HOOK_MARK, None)
+            if event_type:
+                self.hooks.setdefault(event_type, []).append(method)
+        self.timeout = float(os.environ.get("CAO_PLUGIN_TIMEOUT") or PLUGIN_TIMEOUT)
+        self.api = _plugin_api()
+
+    def _call(self, function, *args):
+        import asyncio
+        result = function(*args)
+        if asyncio.iscoroutine(result):
+            self.loop.run_until_complete(asyncio.wait_for(result, self.timeout))
+
+    def run(self):
+        import asyncio
+        self.loop = asyncio.new_event_loop()
+        try:
+            self._call(self.plugin.setup)
+        except Exception as e:
+            self.failed(e)
+        super().run()
+        try:
+            self._call(self.plugin.teardown)
+        except Exception as e:
+            self.failed(e)
+        self.loop.close()
+
+    def deliver(self, event_type, fields, event):
+        import asyncio
+        for method in self.hooks.get(event_type, ()):
+            cls = getattr(self.api, _EVENT_CLASSES[event_type], None)
+            payload = cls(session_id=event["session_name"], **fields) if cls else fields
+            try:
+                self._call(method, payload)
+                self.stats["delivered"] += 1
+            except asyncio.TimeoutError:
+                self.failed(TimeoutError(f"{event_type} took over {self.timeout:g} s"), True)
+            except Exception as e:
+                self.failed(e)
+
+    def info(self):
+        return {**super().info(), "source": self.source, "events": sorted(self.hooks)}
+
+
+class WebhookRunner(EventFollower):
+    """Posts events to a URL in the receiving service's own format, with retries."""
+
+    def __init__(self, store, number, spec, cursor):
+        self.url, self.format = spec["url"], spec.get("format", "json")
+        super().__init__(store, f"webhook-{number + 1}", cursor)
+        self.events = set(spec.get("events") or PLUGIN_EVENTS)
+        self.chat_id = spec.get("chat_id")
+        self.retries = int(spec.get("retries", 3))
+        self.timeout = float(spec.get("timeout", 5))
+        self.backoff = float(spec.get("backoff", 1.0))
+
+    def _payload(self, event_type, fields, event):
+        text = f"[cao] {event_type}: " + ", ".join(
+            f"{k}={' '.join(str(v).split())[:300]}" for k, v in fields.items() if v is not None)
+        if self.format == "discord":
+            return {"content": text[:2000]}
+        if self.format == "slack":
+            return {"text": text}
+        if self.format == "telegram":
+            return {"chat_id": self.chat_id, "text": text[:4096]}
+        return {"event_type": event_type, "timestamp": _iso(event["ts"]),
+                "session_id": event["session_name"], **fields}
+
+    def deliver(self, event_type, fields, event):
+        import urllib.request  # only here: it is slow to import
+        if event_type not in self.events:
+            return
+        body = json.dumps(self._payload(event_type, fields, event)).encode()
+        error = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                request = urllib.request.Request(self.url, data=body, method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    answer.read()
+                self.stats["delivered"] += 1
+                return
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                error = e
+        self.failed(error)
+
+    def info(self):
+        return {**super().info(), "url": self.url, "format": self.format}
+
+
+def webhook_specs():
+    """settings.json `webhooks`: [{"url", "format", "events", "chat_id", ...}], checked."""
+    specs = load_settings().get("webhooks") or []
+    if not isinstance(specs, list):
+        raise ConfigError("settings.json: webhooks must be a list of {\"url\": ..., \"format\": ...}")
+    for number, spec in enumerate(specs):
+        where = f"settings.json: webhooks[{number}]"
+        if not isinstance(spec, dict) or not isinstance(spec.get("url"), str) or \
+                not re.match(r"https?://[^\s/]+", spec["url"]):
+            raise ConfigError(f"{where} needs a url starting with http:// or https://")
+        if spec.get("format", "json") not in WEBHOOK_FORMATS:
+            raise ConfigError(f"{where}: format must be one of {', '.join(WEBHOOK_FORMATS)}")
+        unknown = set(spec.get("events") or ()) - set(PLUGIN_EVENTS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown events {', '.join(sorted(unknown))}; use "
+                              f"{', '.join(PLUGIN_EVENTS)}")
+        if spec.get("format") == "telegram" and not spec.get("chat_id"):
+            raise ConfigError(f"{where}: telegram needs a chat_id")
+    return specs
+
+
+class Plugins:
+    """Loads the plugins (entry points in `cao.plugins`, .py files in
+    CAO_HOME_DIR/plugins) and the webhooks, and runs each in its own follower."""
+
+    def __init__(self, store):
+        self.store, self.runners, self.problems = store, [], []
+
+    def _found(self):
+        """(name, source, class) of every plugin; a plugin that fails to load is reported."""
+        import importlib.metadata
+        import importlib.util
+        _plugin_api()
+        try:
+            points = importlib.metadata.entry_points(group=PLUGIN_GROUP)
+        except TypeError:  # Python 3.10 and 3.11 before the group keyword
+            points = importlib.metadata.entry_points().get(PLUGIN_GROUP, [])
+        for point in points:
+            try:
+                yield point.name, f"entry point {point.value}", point.load()
+            except Exception as e:
+                self.problems.append(f"plugin {point.name} ({point.value}): {type(e).__name__}: {e}")
+        folder = cao_home() / "plugins"
+        for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
+            try:
+                spec = importlib.util.spec_from_file_location(f"cao_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            except Exception as e:
+                self.problems.append(f"plugin file {path}: {type(e).__name__}: {e}")
+                continue
+            base = _plugin_api().CaoPlugin
+            for value in vars(module).values():
+                if isinstance(value, type) and issubclass(value, base) and value is not base \
+                        and value.__module__ == module.__name__:
+                    yield value.__name__, str(path), value
+
+    def start(self):
+        cursor = self.store.last_event_seq()
+        for name, source, cls in self._found():
+            try:
+                runner = PluginRunner(self.store, name, source, cls(), cursor)
+            except Exception as e:
+                self.problems.append(f"plugin {name}: {type(e).__name__}: {e}")
+                continue
+            self.runners.append(runner)
+        for number, spec in enumerate(webhook_specs()):
+            self.runners.append(WebhookRunner(self.store, number, spec, cursor))
+        for problem in self.problems:
+            print(f"cao: {problem}", file=sys.stderr, flush=True)
+        for runner in self.runners:
+            runner.start()
+
+    def stop(self):
+        for runner in self.runners:
+            runner.stopping = True
+
+    def listing(self):
+        return {"plugins": [r.info() for r in self.runners], "problems": self.problems}
+
+
+###############################################################################
 # Application #################################################################
 ###############################################################################
 
@@ -4210,6 +4549,7 @@ class App:
         self.skills = SkillStore(ensure_home() / "skills")
         self.terminals.launch_hooks.append(self.skills.deliver)
         self.flows = Flows(store, self.sessions)
+        self.plugins = Plugins(store)
 
     def start(self):
         self.skills.seed()
@@ -4217,10 +4557,12 @@ class App:
         self.watcher.start()
         self.inbox.recover()
         self.handoffs.recover()
+        self.plugins.start()
         self.flows.start()
 
     def stop(self):
         self.flows.stop()
+        self.plugins.stop()
         self.watcher.stop()
         self.watcher.join(timeout=5)
         self.store.close()
@@ -4555,6 +4897,13 @@ def _switch_flow(app, req):
 @route("POST", r"/flows/(?P<name>[^/]+)/run")
 def _run_flow(app, req):
     return app.flows.run_flow(app.flows.get(req.params["name"])["name"])
+
+
+# -- routes: plugins -----------------------------------------------------------
+
+@route("GET", r"/plugins")
+def _plugins(app, req):
+    return app.plugins.listing()
 
 
 # -- routes: skills ------------------------------------------------------------
@@ -5923,8 +6272,9 @@ def cmd_hook(args):
     try:
         Client().signal(terminal_id, args.status)
     except CaoError as e:
-        with open_log("hooks.log") as log:
-            log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n".encode())
+        if cao_home().is_dir():  # a home that is gone went with its server: nothing to keep
+            with open_log("hooks.log") as log:
+                log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n".encode())
     return 0
 
 

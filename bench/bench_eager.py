@@ -29,9 +29,9 @@ MockLLM needs no wrapper. "off" pays cao's status detection (last byte -> comple
 then the paste and submit of the message; "eager" pays only the CLI's own step from
 one turn to its queued input. Also recorded: last byte -> delivered (the ts of cao's
 message_delivered event, stamped once the submit is confirmed; negative = the message
-went in mid-turn, which eager must show), last byte -> cao's `completed` status event
-(--json only), the stream's length, and how often TURN-TWO reached the model (must be
-once).
+went in mid-turn, which eager must show), last byte -> cao's first `completed` status
+event after it (--json only; with eager that is turn 2's), the stream's length, and
+how often TURN-TWO reached the model (must be once).
 
 Runs interleave the modes (eager/off, then off/eager, ...) so that machine load hits
 both alike; one untimed warm-up run per provider comes first (--warmup 0 drops it).
