@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -406,3 +407,30 @@ def test_real_eager_inbox_message_mid_turn_is_answered_once_in_the_next_turn(rea
              "the answer to the message")
     asked = [r for r in mock.main_requests() if "TURN-TWO" in r["user_text"]]
     assert len(asked) == 1, [r["user_text"][:80] for r in asked]  # answered once, never twice
+
+
+@_needs("claude_code")
+def test_real_claude_drives_cao_through_the_ops_mcp_server(real_env, mock):
+    env = real_env("claude_code")
+    cao_cmd = [sys.executable, str(Path(cao.__file__).resolve())]
+    write(env.profiles / "operator.md", "\n".join([
+        "---", "name: operator", "description: drives cao from outside", "provider: claude_code",
+        'allowedTools: ["*"]', "mcpServers:", "  cao-ops:", f"    command: {json.dumps(cao_cmd[0])}",
+        f"    args: {json.dumps(cao_cmd[1:] + ['ops-mcp'])}", "---", "You run agent sessions.", ""]))
+    mock.reply("warm up", text="warm")
+    mock.reply("start a reviewer", tool="launch_session",
+               arguments={"agent_profile": "reviewer", "provider": "demo", "session_name": "opsrun",
+                          "initial_message": "look at the diff"}, then="LAUNCHED {result}")
+    mock.reply("how is it going", tool="get_session_info", arguments={"session_name": "opsrun"},
+               then="INFO {result}")
+    term = env.start("claude_code", profile="operator", session="operator")["id"]
+    _warm_up(env, mock, term, "launch_session")
+    env.send(term, "start a reviewer")
+    env.wait_status(term, "completed", timeout=120)
+    code, session = env.request("GET", "/sessions/cao-opsrun")
+    assert code == 200 and session["terminals"][0]["agent_profile"] == "reviewer", session
+    env.send(term, "how is it going")
+    env.wait_status(term, "completed", timeout=120)
+    result = mock.wait_for(lambda r: r["kind"] == "main" and r["has_tool_result"]
+                           and "cao-opsrun" in json.dumps(r["body"]) and "terminals" in json.dumps(r["body"]))
+    assert session["terminals"][0]["id"] in json.dumps(result["body"])
