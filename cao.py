@@ -4081,7 +4081,37 @@ class Flows(threading.Thread):
             raise NotFound(f"flow {name!r} not found; list flows with `cao flow list`")
         return row
 
+    def adopt_upstream(self):
+        """Take in flows that upstream's `cao schedule add` wrote to its own database in
+        this home (it runs in-process, without a server); each is added once."""
+        path = ensure_home() / "db" / "cli-agent-orchestrator.db"
+        try:
+            stamp = os.stat(path).st_mtime_ns
+        except OSError:
+            return
+        if stamp == getattr(self, "_upstream_stamp", None):
+            return
+        self._upstream_stamp = stamp
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2) as db:
+                rows = db.execute("SELECT name, file_path FROM flows").fetchall()
+        except sqlite3.Error:
+            return
+        known = {r["name"] for r in self.store.query("SELECT name FROM flows")}
+        for name, file_path in rows:
+            if name in known:
+                continue
+            try:
+                flow = read_flow_file(file_path)
+                if flow.get("script"):
+                    flow["script"] = None  # run only scripts added with `cao flow add`
+                    raise CaoError("its script was not copied in; add it with `cao flow add`")
+                self.add(flow)
+            except (OSError, CaoError) as e:
+                print(f"cao: upstream flow {name} not taken in: {e}", file=sys.stderr, flush=True)
+
     def listing(self):
+        self.adopt_upstream()
         return [self._json(r) for r in self.store.query("SELECT * FROM flows ORDER BY name")]
 
     def get(self, name):
@@ -4177,6 +4207,7 @@ class Flows(threading.Thread):
     # -- the scheduler -----------------------------------------------------------
     def run(self):
         while not self.stopping:
+            self.adopt_upstream()
             now = time.time()
             due = self.store.query("SELECT * FROM flows WHERE enabled = 1 AND next_run <= ?", (now,))
             for row in due:
@@ -4189,7 +4220,8 @@ class Flows(threading.Thread):
                 threading.Thread(target=self.run_flow, args=(row["name"],), daemon=True,
                                  name=f"flow-{row['name']}").start()
             soonest = self.store.one("SELECT MIN(next_run) AS t FROM flows WHERE enabled = 1")["t"]
-            self.wake.wait(3600 if soonest is None else max(0.0, min(3600, soonest - time.time())))
+            # Wake at least each minute to take in flows upstream's CLI added.
+            self.wake.wait(60 if soonest is None else max(0.0, min(60, soonest - time.time())))
             self.wake.clear()
 
     def stop(self):

@@ -139,3 +139,18 @@ def test_upstream_ops_mcp_server_runs_every_tool(server):
     assert "completed" in texts[5] and "done: first" in texts[6] and "done: first" in texts[7]
     assert "success" in texts[8] and results[8].get("success") is not False, results[8]
     assert results[9].get("success") is not False, results[9]
+
+
+def test_a_flow_added_with_upstreams_cli_is_taken_in_by_cao(server, tmp_path):
+    import subprocess
+    flow = server.workdir / "nightly.md"
+    flow.write_text('---\nname: nightly\nschedule: "0 2 * * *"\nagent_profile: developer\n'
+                    "provider: claude_code\n---\nCheck the build.\n")
+    done = subprocess.run([str(UPSTREAM_CAO), "schedule", "add", str(flow)], cwd=server.workdir,
+                          env={**server.env, "HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    flows = {f["name"]: f for f in server.request("GET", "/flows")[1]}
+    assert flows["nightly"]["schedule"] == "0 2 * * *" and flows["nightly"]["enabled"]
+    assert flows["nightly"]["prompt_template"] == "Check the build.\n"
+    assert "nightly" in server.run("schedule", "list").stdout
