@@ -86,6 +86,22 @@ def call_tool(env, name, arguments, terminal_id=None):
     return asyncio.run(call())
 
 
+def demo_session(env, name, profile="developer"):
+    """A new session of one demo agent; returns its terminal id."""
+    code, body = env.request("POST", f"/sessions?agent_profile={profile}&provider=demo"
+                                     f"&session_name={name}")
+    assert code == 201, body
+    return body["id"]
+
+
+def ask(env, terminal_id, text, timeout=30):
+    """Send text to a terminal and return its answer once it is completed."""
+    assert env.request("POST", f"/terminals/{terminal_id}/input", {"message": text})[0] == 200
+    wait_for(lambda: env.request("GET", f"/terminals/{terminal_id}")[1]["status"] == "completed",
+             timeout, what=f"answer to {text!r}")
+    return env.request("GET", f"/terminals/{terminal_id}/output?mode=last")[1]["output"]
+
+
 class CaoEnv:
     """A private cao installation: home dir, tmux socket, API port."""
 

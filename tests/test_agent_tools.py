@@ -5,16 +5,13 @@ import subprocess
 
 import pytest
 
-from conftest import call_tool, wait_for
+from conftest import call_tool, demo_session, wait_for
 
 pytest.importorskip("mcp")
 
 
 def _session(env, name, profile="code_supervisor"):
-    code, body = env.request("POST", f"/sessions?agent_profile={profile}&provider=demo"
-                                     f"&session_name={name}")
-    assert code == 201, body
-    return body["id"]
+    return demo_session(env, name, profile)
 
 
 def _status(env, tid):

@@ -6,23 +6,9 @@ import pytest
 
 import cao
 
-from conftest import call_tool, wait_for
+from conftest import ask as _ask, call_tool, demo_session as _session
 
 pytest.importorskip("mcp")
-
-
-def _session(env, name, profile="developer"):
-    code, body = env.request("POST", f"/sessions?agent_profile={profile}&provider=demo"
-                                     f"&session_name={name}")
-    assert code == 201, body
-    return body["id"]
-
-
-def _ask(env, tid, text, timeout=30):
-    assert env.request("POST", f"/terminals/{tid}/input", {"message": text})[0] == 200
-    wait_for(lambda: env.request("GET", f"/terminals/{tid}")[1]["status"] == "completed",
-             timeout, what=f"answer to {text!r}")
-    return env.request("GET", f"/terminals/{tid}/output?mode=last")[1]["output"]
 
 
 def test_a_stored_fact_reaches_the_first_message_of_a_terminal_in_another_session(server):
