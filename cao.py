@@ -1218,7 +1218,8 @@ MIGRATIONS = [
         last_reason TEXT, next_run REAL);
     """,
 ]
-EVENTS_KEPT = 10000
+EVENTS_KEPT = 10000       # events kept for /events readers
+EVENTS_HELD_MAX = 500000  # events kept at most for a plugin that has not read them yet
 
 
 class Store:
@@ -1240,6 +1241,7 @@ class Store:
             pass
         self._migrate()
         self._emits = 0
+        self.holds = {}  # reader -> the last event it has handled; pruning spares the rest
 
     def _migrate(self):
         with self.lock:
@@ -1276,7 +1278,9 @@ class Store:
                 (time.time(), kind, session_name, terminal_id, json.dumps(data))).lastrowid
             self._emits += 1
             if self._emits % 500 == 0:
-                self.db.execute("DELETE FROM events WHERE seq <= ?", (seq - EVENTS_KEPT,))
+                floor = min([seq - EVENTS_KEPT, *self.holds.values()])
+                self.db.execute("DELETE FROM events WHERE seq <= ?",
+                                (max(floor, seq - EVENTS_HELD_MAX),))
             self.changed.notify_all()
             return seq
 
@@ -4247,6 +4251,10 @@ PLUGIN_EVENTS = ("post_send_message", "post_create_session", "post_kill_session"
                  "post_create_terminal", "post_kill_terminal", "post_status_change")
 
 
+PLUGIN_EVENT_KINDS = ("session_created", "session_deleted", "terminal_created",
+                      "terminal_deleted", "message_sent", "status")
+
+
 def plugin_event(event):
     """(event type, fields) of a plugin event for one row of the event log, or None."""
     data, session = event["data"], event["session_name"]
@@ -4350,12 +4358,15 @@ class EventFollower(threading.Thread):
     def __init__(self, store, name, cursor):
         super().__init__(daemon=True, name=f"plugin-{name}")
         self.store, self.label, self.cursor = store, name, cursor
-        self.stats = {"delivered": 0, "failed": 0, "timed_out": 0, "last_error": None}
+        self.stats = {"delivered": 0, "failed": 0, "timed_out": 0, "lost": 0, "last_error": None}
         self.stopping = False
 
     def run(self):
+        self.store.holds[id(self)] = self.cursor
         while not self.stopping:
             for event in self.store.events_after(self.cursor, wait=5.0):
+                if event["seq"] > self.cursor + 1 and self.cursor:
+                    self.lost(event["seq"] - self.cursor - 1)
                 self.cursor = event["seq"]
                 mapped = plugin_event(event)
                 if mapped:
@@ -4363,6 +4374,14 @@ class EventFollower(threading.Thread):
                         self.deliver(*mapped, event)
                     except Exception as e:  # one observer's fault never stops the others
                         self.failed(e)
+                self.store.holds[id(self)] = self.cursor
+        self.store.holds.pop(id(self), None)
+
+    def lost(self, count):
+        """Events pruned before this reader got to them (it fell EVENTS_HELD_MAX behind)."""
+        self.stats["lost"] += count
+        print(f"cao: plugin {self.label}: {count} events were dropped before it read them "
+              "(it is too far behind)", file=sys.stderr, flush=True)
 
     def failed(self, error, timed_out=False):
         self.stats["timed_out" if timed_out else "failed"] += 1
@@ -4370,7 +4389,9 @@ class EventFollower(threading.Thread):
         print(f"cao: plugin {self.label}: {self.stats['last_error']}", file=sys.stderr, flush=True)
 
     def info(self):
-        behind = max(0, self.store.last_event_seq() - self.cursor)
+        behind = self.store.one(f"SELECT COUNT(*) AS n FROM events WHERE seq > ? AND kind IN "
+                                f"({','.join('?' * len(PLUGIN_EVENT_KINDS))})",
+                                (self.cursor, *PLUGIN_EVENT_KINDS))["n"]
         return {"name": self.label, "behind": behind, **self.stats}
 
 

@@ -58,6 +58,12 @@ class sleepy(CaoPlugin):
         time.sleep(5)  # blocking, on purpose
 '''
 
+# --probe-loss: a third plugin that is only a little slow (50 ms per event), so within
+# the run it gets past the 500-row batch the follower reads at once and shows whether
+# events that were pruned from the log (EVENTS_KEPT) under its cursor are skipped.
+LAGGER = SLEEPY.replace("class sleepy", "class lagger").replace(
+    "BENCH_SLEEPY_LOG", "BENCH_LAGGER_LOG").replace("time.sleep(5)", "time.sleep(0.05)")
+
 COUNTER = '''
 import os, time
 from cli_agent_orchestrator.plugins import CaoPlugin, hook
@@ -244,6 +250,9 @@ def run_load(env, args, with_plugins):
         pdir.mkdir(parents=True, exist_ok=True)
         (pdir / "sleepy.py").write_text(SLEEPY)
         (pdir / "counter.py").write_text(COUNTER)
+        if args.probe_loss:
+            (pdir / "lagger.py").write_text(LAGGER)
+            env.env["BENCH_LAGGER_LOG"] = str(env.home.parent / "lagger.log")
         env.env.update(BENCH_SLEEPY_LOG=str(env.home.parent / "sleepy.log"),
                        BENCH_COUNTER_LOG=str(env.home.parent / "counter.log"))
     env.env["CAO_DEMO_DELAY"] = "0"
@@ -351,6 +360,12 @@ def run_load(env, args, with_plugins):
         order = {idx: n for n, (_t, idx) in enumerate(seen)}
         got = read_lines(env.env["BENCH_SLEEPY_LOG"])
         res["sleepy_got"] = [(round(float(t) - wall0, 2), idx, order.get(idx)) for t, idx in got]
+        if args.probe_loss:
+            lag = [order.get(idx) for _t, idx in read_lines(env.env["BENCH_LAGGER_LOG"])]
+            jumps = [(k, pos) for k, pos in enumerate(lag) if pos is not None and pos != k]
+            res["lagger"] = {"got": len(lag), "first_jump": jumps[0] if jumps else None,
+                             "missed": (lag[-1] + 1 - len(lag)) if lag and lag[-1] is not None
+                             else None}
         if mon:
             mon.join()
     env.cleanup()
@@ -396,8 +411,13 @@ def print_load(a, b, args):
         k, pos = skipped[0]
         p(f"  !! sleepy's event #{k} was message_sent #{pos} of the log: {pos - k} events in "
           f"between were never handed to it (pruned from the event log, EVENTS_KEPT)")
+    lg = b.get("lagger")
+    if lg:
+        p(f"  lagger (50 ms per event, --probe-loss): got {lg['got']} events; first out of order: "
+          f"{lg['first_jump']} (its n-th event was message_sent #m); messages skipped up to its "
+          f"last one: {lg['missed']}")
     fin = b.get("plugins_final", {})
-    for name in ("sleepy", "counter"):
+    for name in ("sleepy", "counter", "lagger"):
         if name in fin:
             v = fin[name]
             p(f"  /plugins {name}: delivered {v['delivered']} failed {v['failed']} "
@@ -498,6 +518,8 @@ def main():
     ap.add_argument("--idle-seconds", type=float, default=3)
     ap.add_argument("--flow-samples", type=int, default=5)
     ap.add_argument("--natural", action="store_true")
+    ap.add_argument("--probe-loss", action="store_true",
+                    help="add a 50 ms/event plugin to show events pruned under a slow cursor")
     ap.add_argument("--skip-bus", action="store_true")
     ap.add_argument("--skip-flows", action="store_true")
     ap.add_argument("--json")

@@ -190,3 +190,36 @@ def test_bad_webhook_settings_stop_the_server_with_one_line(cao_env):
     out = cao_env.run("server", "--port", str(cao_env.port), timeout=30)
     assert out.returncode != 0 and "needs a url starting with http://" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_log_keeps_what_a_slow_plugin_has_not_read_and_counts_what_it_must_drop(
+        tmp_path, monkeypatch):
+    import cao
+    monkeypatch.setenv("CAO_HOME_DIR", str(tmp_path / "home"))
+    monkeypatch.setattr(cao, "EVENTS_KEPT", 100)
+    monkeypatch.setattr(cao, "EVENTS_HELD_MAX", 2000)
+    store = cao.Store(tmp_path / "db.sqlite")
+    gate, seen = threading.Event(), []
+
+    class Slow(cao.EventFollower):
+        def deliver(self, event_type, fields, event):
+            gate.wait()
+            seen.append(event["seq"])
+    follower = Slow(store, "slow", store.last_event_seq())
+    follower.start()
+    for i in range(1500):  # pruning runs every 500 emits
+        store.emit("session_created", f"cao-s{i}")
+    wait_for(lambda: store.holds, 5, what="the follower's hold")
+    first = store.one("SELECT MIN(seq) AS s FROM events")["s"]
+    assert first <= 2  # everything the slow plugin has not read is still there
+    gate.set()
+    wait_for(lambda: len(seen) == 1500, 20, what="every event, late")
+    gate.clear()
+    for i in range(3000):  # now it falls further behind than the log holds for anyone
+        store.emit("session_created", f"cao-t{i}")
+    gate.set()
+    wait_for(lambda: follower.cursor == store.last_event_seq(), 20, what="it to catch up")
+    info = follower.info()
+    assert info["lost"] > 0 and len(seen) + info["lost"] == 4500, (len(seen), info)
+    follower.stopping = True
+    store.close()
