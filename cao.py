@@ -25,10 +25,15 @@ table at the end is data that the providers section reads.
   terminals         Terminal (one live record each), PaneWatcher, StatusTracker,
                     TerminalInput, Terminals and Sessions
   inbox and orchestration  durable messages delivered when the receiver is idle;
-                    the agents' tools (handoff, assign, send_message, ...)
+                    server-side handoffs under job ids; the agents' tools
+                    (handoff, assign, send_message, ...) and the ops tools
+  memory            what agents store, ranked by FTS5; the <cao-memory> block
+  skills            SKILL.md folders and how each CLI gets them
+  flows             agent sessions on a cron schedule, with gating scripts
+  plugins and webhooks  observers that follow the event log, each on its own
   application       App: makes the parts above and wires them together
   HTTP API          routes by resource; Host, Origin and framing checks; limits
-  MCP servers       `cao mcp` serves the agents' tool table over stdio
+  MCP servers       `cao mcp` and `cao ops-mcp` serve the tool tables over stdio
   demo agent        the small interactive agent behind the `demo` provider
   CLI               a table of @command functions, each with its options;
                     main() is the entry point
