@@ -1404,6 +1404,15 @@ def tmux_capture(pane_id, history=None):
     return tmux(*args)
 
 
+def tmux_screen(pane_id):
+    """(visible screen with its colour escapes, cursor (x, y), size (cols, rows))."""
+    out = tmux("capture-pane", "-p", "-e", "-t", pane_id, ";", "display-message", "-p", "-t",
+               pane_id, "#{cursor_x} #{cursor_y} #{pane_width} #{pane_height}")
+    screen, _, last = out.rstrip("\n").rpartition("\n")
+    x, y, cols, rows = (int(n) for n in last.split())
+    return screen, (x, y), (cols, rows)
+
+
 def tmux_capture_state(pane_id):
     """(screen text, pane_dead) in one tmux call; None when the pane is gone."""
     marker = "\x1f" + uuid.uuid4().hex
@@ -2618,6 +2627,25 @@ class Terminals:
                                               "provider": r["provider"], "caller_id": r["caller_id"],
                                               "description": r["description"]}}
                 for r in rows if r["id"] != terminal_id]
+
+    def screen(self, terminal_id, etag=None, wait=0.0):
+        """The visible screen with its colours, for a terminal emulator in a browser. With
+        the etag of the client's copy, wait up to `wait` s for a change before answering
+        {"changed": false}: an idle terminal costs a watcher nothing."""
+        import hashlib
+        row = self.row(terminal_id)
+        deadline = time.monotonic() + wait
+        while True:
+            count = self.watcher.output_count(terminal_id)
+            screen, cursor, size = tmux_screen(row["pane_id"])
+            tag = hashlib.sha1(f"{screen}{cursor}{size}".encode()).hexdigest()[:16]
+            left = deadline - time.monotonic()
+            if tag != etag:
+                return {"terminal_id": terminal_id, "changed": True, "etag": tag, "screen": screen,
+                        "cursor": list(cursor), "size": list(size)}
+            # Output may come in bursts: answer once it has been quiet for 30 ms.
+            if left <= 0 or not self.watcher.wait_settled(terminal_id, count, 0.03, left):
+                return {"terminal_id": terminal_id, "changed": False, "etag": tag}
 
     def set_description(self, terminal_id, description):
         self.row(terminal_id)
@@ -4827,6 +4855,11 @@ def _run_step(app, req):
 @route("GET", r"/handoff-results/(?P<job_id>[^/]+)")
 def _handoff_result(app, req):
     return app.handoffs.result(req.params["job_id"])
+
+
+@route("GET", r"/terminals/(?P<id>[^/]+)/screen")
+def _terminal_screen(app, req):
+    return app.terminals.screen(req.params["id"], req.arg("etag"), req.number("wait", 0, 0, 60))
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")
