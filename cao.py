@@ -3202,11 +3202,16 @@ def agent_tool(summary, flagged=None, table=AGENT_TOOLS):
     return register
 
 
-def _caller(client):
+def own_terminal_id():
+    """The terminal this `cao mcp` serves (cao sets CAO_TERMINAL_ID in every agent window)."""
     terminal_id = os.environ.get("CAO_TERMINAL_ID")
     if not terminal_id:
         raise CaoError("CAO_TERMINAL_ID is not set: cao mcp must run inside a cao terminal")
-    return client.terminal(terminal_id)
+    return check_terminal_id(terminal_id)
+
+
+def _caller(client):
+    return client.terminal(own_terminal_id())
 
 
 def _worker_body(client, caller, agent_profile, working_directory):
@@ -3743,14 +3748,6 @@ class MemoryStore:
         return block + message
 
 
-def _memory_caller(client):
-    """The agent's own terminal context for the memory routes."""
-    terminal_id = os.environ.get("CAO_TERMINAL_ID")
-    if not terminal_id:
-        raise CaoError("CAO_TERMINAL_ID is not set: cao mcp must run inside a cao terminal")
-    return {"terminal_id": check_terminal_id(terminal_id)}
-
-
 @agent_tool("remember a fact for later sessions")
 def memory_store(content: str, scope: str = "project", memory_type: str = "project",
                  key: str | None = None, tags: str | None = None) -> dict:
@@ -3759,7 +3756,7 @@ def memory_store(content: str, scope: str = "project", memory_type: str = "proje
     reference. Storing again under the same key replaces the note. tags: comma-separated."""
     client = Client()
     result = client.memory_store(content=content, scope=scope, memory_type=memory_type, key=key,
-                                 tags=tags, terminal_context=_memory_caller(client))
+                                 tags=tags, terminal_context={"terminal_id": own_terminal_id()})
     memory = result["memory"]
     return {"success": True, "key": memory["key"], "scope": memory["scope"],
             "scope_id": memory["scope_id"], "file_path": None, "action": result["action"]}
@@ -3777,7 +3774,7 @@ def memory_recall(query: str | None = None, scope: str | None = None,
     found = client.memory_recall(query=query, scope=scope, memory_type=memory_type, limit=limit,
                                  search_mode=search_mode, sort_by=sort_by,
                                  include_related=include_related,
-                                 terminal_context=_memory_caller(client))["memories"]
+                                 terminal_context={"terminal_id": own_terminal_id()})["memories"]
     return {"success": True, "count": len(found), "memories": found}
 
 
@@ -3785,7 +3782,7 @@ def memory_recall(query: str | None = None, scope: str | None = None,
 def memory_forget(key: str, scope: str = "project") -> dict:
     """Delete the memory stored under key in scope (default project)."""
     client = Client()
-    return client.memory_forget(key=key, scope=scope, terminal_context=_memory_caller(client))
+    return client.memory_forget(key=key, scope=scope, terminal_context={"terminal_id": own_terminal_id()})
 
 
 ###############################################################################
