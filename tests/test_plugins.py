@@ -222,4 +222,7 @@ def test_the_log_keeps_what_a_slow_plugin_has_not_read_and_counts_what_it_must_d
     info = follower.info()
     assert info["lost"] > 0 and len(seen) + info["lost"] == 4500, (len(seen), info)
     follower.stopping = True
+    store.emit("wake")  # the follower waits for events; this one lets it see it must stop
+    follower.join(10)
+    assert not follower.is_alive()
     store.close()
