@@ -1900,6 +1900,7 @@ SYSTEM_TREES = ("/bin", "/sbin", "/usr", "/etc", "/var", "/dev", "/proc", "/sys"
 SCRATCH_TREES = ("/tmp", "/var/tmp", "/private/tmp", "/private/var/tmp", "/private/var/folders")
 SHARED_ROOTS = ("/", "/home", "/Users", "/mnt", "/media", "/opt", "/srv", "/private")
 HOME_PARENTS = ("/home", "/Users")
+SUBMIT_PATIENCE = 10.0  # s of Enters for a message still in the input line
 MAX_ANSWER = 4000
 ANSWER_KEY_RE = re.compile(r"[0-9yYnN]|Enter|Escape|Up|Down|Tab")
 KEY_RE = re.compile(r"(?:Up|Down|Left|Right|Enter|Tab|Escape|Space|BSpace|[A-Za-z0-9]|[CMS]-[A-Za-z0-9])")
@@ -2451,17 +2452,29 @@ class TerminalInput:
                            (time.time(), terminal_id))
 
     def _submit(self, term, pane_id, spec, message, enter_first):
-        """Press Enter until the message has left the agent's input line (3 tries)."""
+        """Press Enter until the message has left the agent's input line. A CLI that is
+        still settling in (connecting its MCP servers on a loaded machine) can drop an
+        Enter or two, so it gets SUBMIT_PATIENCE seconds, about one Enter a second."""
         needle = _input_tail(message)
-        for attempt in range(3):
+        deadline, attempt, pressed_at = time.monotonic() + SUBMIT_PATIENCE, 0, 0.0
+        while attempt < 3 or time.monotonic() < deadline:
             count = self.watcher.output_count(term.id)
+            if attempt >= 3:  # past the quick tries: an Enter a second, or none if it went
+                self.watcher.wait_settled(term.id, count, 0.01,
+                                          max(0.0, pressed_at + 1.0 - time.monotonic()))
+                count = self.watcher.output_count(term.id)
+                if self._input_taken(term.id, pane_id, spec, needle, count, False):
+                    return
             pressed = enter_first or attempt > 0
             if pressed:
                 tmux_keys(pane_id, "Enter")
+                pressed_at = time.monotonic()
             if self._input_taken(term.id, pane_id, spec, needle, count, pressed):
                 return
+            attempt += 1
         raise Conflict(f"terminal {term.id} did not take the input: it is still in the agent's "
-                       "input line after 3 Enters; look with tmux attach")
+                       f"input line after {attempt} Enters in {SUBMIT_PATIENCE:g} s; "
+                       "look with tmux attach")
 
     def _input_taken(self, terminal_id, pane_id, spec, needle, count, pressed):
         """After an Enter, look at each burst of output: True as soon as the message has
