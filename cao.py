@@ -4131,7 +4131,7 @@ class Flows(threading.Thread):
     def adopt_upstream(self):
         """Take in flows that upstream's `cao schedule add` wrote to its own database in
         this home (it runs in-process, without a server); each is added once."""
-        path = ensure_home() / "db" / "cli-agent-orchestrator.db"
+        path = cao_home() / "db" / "cli-agent-orchestrator.db"
         try:
             stamp = os.stat(path).st_mtime_ns
         except OSError:
@@ -6373,9 +6373,12 @@ def cmd_hook(args):
     try:
         Client().signal(terminal_id, args.status)
     except CaoError as e:
-        if cao_home().is_dir():  # a home that is gone went with its server: nothing to keep
-            with open_log("hooks.log") as log:
+        home = cao_home()  # a home that is gone went with its server: never make it again
+        try:
+            with append_inside(home / "logs" / "hooks.log", home) as log:
                 log.write(f"{_iso(time.time())} {terminal_id or '-'} {args.status}: {e}\n".encode())
+        except (OSError, CaoError):
+            pass
     return 0
 
 

@@ -176,6 +176,22 @@ class CaoEnv:
                 pass
         for pid in pids:
             kill_pid(pid, signal.SIGKILL)
+        for pid in self.home_pids():  # e.g. a CLI's hook that runs outside its pane's group
+            kill_pid(pid, signal.SIGKILL)
+
+    def home_pids(self):
+        """PIDs of processes (other than this one) whose environment names this home."""
+        marker = f"CAO_HOME_DIR={self.home}".encode()
+        found = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.add(int(entry.name))
+            except OSError:
+                pass
+        return found
 
 
 @pytest.fixture
