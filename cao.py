@@ -870,7 +870,8 @@ def list_profiles():
         try:
             profile = load_profile(name)
             result.append({"name": name, "description": profile.get("description") or "",
-                           "provider": profile.get("provider"), "source": label})
+                           "provider": profile.get("provider"), "role": profile.get("role"),
+                           "source": label})
         except CaoError as e:
             result.append({"name": name, "description": "", "source": label, "error": str(e)})
     return result
@@ -2421,6 +2422,34 @@ class StatusTracker:
         return status
 
 
+MAX_TYPED = 4096
+_LITERAL = object()
+_TYPED_TOKEN_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z~]|\x1bO[A-Za-z]|\x1b[\x20-\x7e]|"
+                             r"[\x00-\x1f\x7f]|[^\x00-\x1f\x7f]+")
+_TYPED_KEYS = {"\r": "Enter", "\n": "Enter", "\t": "Tab", "\x7f": "BSpace", "\x08": "BSpace",
+               "\x1b": "Escape", "\x00": "C-Space", "\x1b[Z": "BTab"}
+_CSI_KEYS = {"A": "Up", "B": "Down", "C": "Right", "D": "Left", "H": "Home", "F": "End",
+             "P": "F1", "Q": "F2", "R": "F3", "S": "F4", "2~": "IC", "3~": "DC",
+             "5~": "PPage", "6~": "NPage"}
+_CSI_MODIFIERS = {"2": "S-", "3": "M-", "4": "M-S-", "5": "C-", "6": "C-S-", "7": "C-M-"}
+
+
+def _typed_key(token):
+    """The tmux key for one token of typed data, _LITERAL for plain text, None if unknown."""
+    if token in _TYPED_KEYS:
+        return _TYPED_KEYS[token]
+    if not token.startswith("\x1b"):
+        code = ord(token[0])
+        return f"C-{chr(code + 96)}" if len(token) == 1 and code < 0x20 else _LITERAL
+    csi = re.fullmatch(r"\x1b[\[O](?:1;([2-7]))?([A-HPQRS])|\x1b\[([2356])(?:;([2-7]))?~", token)
+    if csi:
+        name = _CSI_KEYS[csi[2] or csi[3] + "~"]
+        return _CSI_MODIFIERS.get(csi[1] or csi[4], "") + name
+    if len(token) == 2 and token[1] not in "[O":
+        return "M-" + token[1]  # Alt with a key
+    return None
+
+
 class TerminalInput:
     """Types into terminals: a message as one bracketed paste and Enter, confirmed
     taken; single keys; the provider's way to exit."""
@@ -2538,6 +2567,26 @@ class TerminalInput:
                            "Escape, Down, Tab, C-c or a single character")
         tmux_keys(terminal_row(self.store, terminal_id)["pane_id"], key)
 
+    def type_keys(self, terminal_id, data):
+        """Keys as a terminal emulator sends them (text, \r, \x03, escape sequences):
+        text is typed literally, everything else as the tmux key it stands for."""
+        if not isinstance(data, str) or not data or len(data) > MAX_TYPED:
+            raise CaoError(f"data must be 1 to {MAX_TYPED} characters typed into the terminal")
+        commands = []
+        for token in _TYPED_TOKEN_RE.findall(data):
+            key = _typed_key(token)
+            if key is None:
+                raise CaoError(f"unsupported key sequence {token!r}; send text, control "
+                               "characters, arrows, Home/End, PgUp/PgDn or Delete")
+            if key is _LITERAL and token.endswith(";"):  # tmux reads a last ';' as "next command"
+                token = token[:-1] + "\\;"
+            commands.append(["-l", token] if key is _LITERAL else [key])
+        pane_id = terminal_row(self.store, terminal_id)["pane_id"]
+        args = []
+        for part in commands:
+            args += [";"] * bool(args) + ["send-keys", "-t", pane_id, *part]
+        tmux(*args)
+
     def exit(self, terminal_id):
         row = terminal_row(self.store, terminal_id)
         how = get_provider(row["provider"]).get("exit", {"keys": ["C-c"]})
@@ -2595,6 +2644,17 @@ class Terminals:
 
     def get(self, terminal_id):
         return self.to_json(self.row(terminal_id))
+
+    def all(self):
+        return [self.to_json(r) for r in
+                self.store.query("SELECT * FROM terminals ORDER BY created_at, rowid")]
+
+    def waiting(self):
+        """Terminals whose agent waits on a question, each with the question's lines."""
+        rows = [r for r in self.store.query("SELECT * FROM terminals ORDER BY created_at, rowid")
+                if self.tracker.status(r["id"]) == "waiting_user_answer"]
+        return [{**self.to_json(r), "question": _screen_tail(self.tracker.screen(r["id"]), 12)}
+                for r in rows]
 
     def in_session(self, name):
         return [self.to_json(r) for r in self.store.query(
@@ -4676,9 +4736,13 @@ HTTP_IDLE_TIMEOUT = 30.0     # a kept-alive connection may wait this long for it
 HTTP_WRITE_TIMEOUT = 30.0    # a client that stops reading its answer is dropped after this
 MAX_CONNECTIONS_PER_CLIENT = 128
 MAX_CONNECTIONS = 512
+# xterm.js writes its own <style> elements, hence 'unsafe-inline' for styles only.
+STATIC_CSP = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+              "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
-                ".ico": "image/x-icon", ".json": "application/json"}
+                ".ico": "image/x-icon", ".json": "application/json",
+                ".txt": "text/plain; charset=utf-8"}
 
 
 # -- requests and the route table ----------------------------------------------
@@ -4796,6 +4860,16 @@ def _session_terminals(app, req):
 
 # -- routes: terminals ---------------------------------------------------------
 
+@route("GET", r"/terminals")
+def _all_terminals(app, req):
+    return app.terminals.all()
+
+
+@route("GET", r"/approvals")
+def _approvals(app, req):
+    return app.terminals.waiting()
+
+
 @route("GET", r"/terminals/(?P<id>[^/]+)")
 def _get_terminal(app, req):
     return app.terminals.get(req.params["id"])
@@ -4825,6 +4899,11 @@ def _terminal_exit(app, req):
 @route("POST", r"/terminals/(?P<id>[^/]+)/key")
 def _terminal_key(app, req):
     app.typist.send_key(req.params["id"], req.arg("key", required=True))
+
+
+@route("POST", r"/terminals/(?P<id>[^/]+)/keys")
+def _terminal_keys(app, req):
+    app.typist.type_keys(req.params["id"], req.arg("data", required=True))
 
 
 @route("POST", r"/terminals/(?P<id>[^/]+)/signal")
@@ -5269,16 +5348,18 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         hint = _ERROR_HINTS.get(code)
         self._send(code, {"detail": f"{detail}; {hint}" if hint else detail})
 
-    def _send(self, status, payload, content_type="application/json"):
+    def _send(self, status, payload, content_type="application/json", headers=None):
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         if self.body_unread:  # the bytes after this request are its body, not a request
             self.close_connection = True
         if self.request_version == "HTTP/0.9":  # 0.9 has no status line; nobody could read why
             self.request_version = "HTTP/1.0"
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {"Cache-Control": "no-store"}).items():
+            self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -5356,10 +5437,10 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
             if allowed:
                 raise Refused(405, f"method {self.command} not allowed here; "
                                    f"use {', '.join(sorted(set(allowed)))}")
-            static = _static_file(path) if self.command in ("GET", "HEAD") else None
+            static = STATIC.get(path) if self.command in ("GET", "HEAD") else None
             if not static:
                 raise Refused(404, f"no such endpoint: {self.command} {url.path}")
-            return self._send(200, static[0], static[1])
+            return self._send(*static.answer(self.headers))
         except Refused as e:
             self.close_connection = True  # a refused client gets no second request
             return self._send(e.status, {"detail": str(e)})
@@ -5374,16 +5455,60 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = do_HEAD = _dispatch
 
 
-def _static_file(path):
-    rel = "index.html" if path in ("/", "") else path.lstrip("/")
-    if rel.startswith("static/"):
-        rel = rel[len("static/"):]
-    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9]+)+", rel):
-        return None
-    data = read_resource("web_static/" + rel)
-    if data is None:
-        return None
-    return data, STATIC_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
+class StaticFile:
+    """One file of web_static/ as browsers get it: an ETag to revalidate, gzip when
+    asked for, and a year of caching for vendor files, whose names carry their version."""
+
+    COMPRESSIBLE = ("text/", "application/json", "image/svg")
+
+    def __init__(self, rel, data):
+        import gzip
+        import hashlib
+        self.data, self.etag = data, '"%s"' % hashlib.sha1(data).hexdigest()[:20]
+        self.type = STATIC_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
+        self.gzipped = gzip.compress(data, 9, mtime=0) \
+            if self.type.startswith(self.COMPRESSIBLE) and len(data) > 1024 else None
+        self.headers = {"ETag": self.etag, "Vary": "Accept-Encoding",
+                        "Cache-Control": "public, max-age=31536000, immutable"
+                        if rel.startswith("vendor/") else "no-cache",
+                        "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                        "Content-Security-Policy": STATIC_CSP}
+
+    def answer(self, request_headers):
+        """(status, body, content type, headers) for a request with these headers."""
+        if self.etag in [t.strip() for t in request_headers.get("If-None-Match", "").split(",")]:
+            return 304, b"", None, self.headers
+        accepts = request_headers.get("Accept-Encoding", "")
+        if self.gzipped and re.search(r"\bgzip\b(?!;q=0(\.0*)?\b)", accepts):
+            return 200, self.gzipped, self.type, {**self.headers, "Content-Encoding": "gzip"}
+        return 200, self.data, self.type, self.headers
+
+
+class StaticFiles:
+    """web_static/ by URL path: only plain names, in the folder or its vendor/."""
+
+    NAME_RE = re.compile(r"(?:vendor/)?[A-Za-z0-9_-]+(?:\.[A-Za-z0-9]+)+")
+
+    def __init__(self):
+        self.files, self.lock = {}, threading.Lock()
+
+    def get(self, path):
+        rel = "index.html" if path in ("/", "") else path.lstrip("/")
+        if rel.startswith("static/"):
+            rel = rel[len("static/"):]
+        if not self.NAME_RE.fullmatch(rel):
+            return None
+        data = read_resource("web_static/" + rel)
+        if data is None:
+            return None
+        with self.lock:  # a file edited in a checkout is served anew
+            cached = self.files.get(rel)
+            if cached is None or cached.data != data:
+                cached = self.files[rel] = StaticFile(rel, data)
+        return cached
+
+
+STATIC = StaticFiles()
 
 
 # -- the server ----------------------------------------------------------------
@@ -5735,7 +5860,7 @@ def run_demo_agent(profile):
                 if left <= 0:
                     break
                 time.sleep(min(0.1, left))
-            question = re.match(r"\s*/ask (.+)", text)
+            question = re.search(r"(?m)^\s*/ask (.+)", text)
             if question:  # a question for the user, as real CLIs ask before risky steps
                 out.write(f"\r\x1b[K? {question.group(1).strip()} [y/n] ")
                 out.flush()
