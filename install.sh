@@ -27,7 +27,7 @@ if [ "$mode" = "--test" ]; then
   say "creating .venv with the test dependencies"
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q pytest pyyaml "mcp>=1.23" "croniter>=2"
+  .venv/bin/python -m pip install -q pytest pyyaml "mcp>=1.23" "croniter>=2" playwright
   say "running the test suite"
   set +e
   .venv/bin/python -m pytest -q -p no:cacheprovider tests

@@ -108,7 +108,7 @@ def test_referenced_static_files_are_served_with_their_type(web_server):
     refs = _referenced_files(html)
     assert refs, "index.html references no files"
     for ref in refs:
-        assert re.fullmatch(r"[A-Za-z0-9_-]+(\.[a-z0-9]+)+", ref), f"{ref}: not a servable name"
+        assert re.fullmatch(r"(vendor/)?[A-Za-z0-9_-]+(\.[a-z0-9]+)+", ref), f"{ref}: not a servable name"
         expected = EXPECTED_TYPES[os.path.splitext(ref)[1]]
         for path in (f"/{ref}", f"/static/{ref}"):
             status, ctype, body = _request(web_server["port"], "GET", path)
@@ -120,6 +120,8 @@ def test_referenced_static_files_are_served_with_their_type(web_server):
 def test_dashboard_works_offline_and_inserts_no_html():
     """No CDN, no external fonts, no innerHTML; ASCII so the charset-less JS/CSS types are safe."""
     for path in STATIC_DIR.iterdir():
+        if path.is_dir():
+            continue  # vendor/: third-party files, checked by test_vendored_terminal_is_pinned
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text, re.I), path.name
         assert "@import" not in text and "url(" not in text, path.name
@@ -130,7 +132,9 @@ def test_dashboard_works_offline_and_inserts_no_html():
 @pytest.mark.parametrize("path", [
     "/../cao.py", "/static/../cao.py", "/static/..%2fcao.py", "/static/%2e%2e%2fcao.py",
     "/..%2fcao.py", "/%2e%2e/cao.py", "/cao.py", "/static/cao.py", "/static/web_static%2findex.html",
-    "/..%2f..%2fetc%2fpasswd", "/static/..%5ccao.py",
+    "/..%2f..%2fetc%2fpasswd", "/static/..%5ccao.py", "/vendor/../cao.py", "/vendor/%2e%2e/cao.py",
+    "/vendor/..%2fcao.py", "/vendor/vendor/xterm-6.0.0.js", "/vendor/", "/static/vendor/..%2f..%2fcao.py",
+    "/vendor/.%2fxterm-6.0.0.js",
 ])
 def test_path_traversal_is_refused(web_server, path):
     status, ctype, body = _request(web_server["port"], "GET", path)
@@ -198,3 +202,64 @@ def test_session_lifecycle_produces_the_events_the_dashboard_follows(web_server,
     assert status == 200, body
     page = json.loads(_request(port, "GET", f"/events?after={cursor}&wait=0")[2])
     assert "session_deleted" in [e["kind"] for e in page["events"]]
+
+
+VENDORED = {  # name -> sha256 of @xterm/xterm 6.0.0 from the npm registry, unmodified
+    "xterm-6.0.0.js": "14903579ff54664cd72f8e8699e6961a6272c21863ec1c3b118cdc8af5d4a972",
+    "xterm-6.0.0.css": "854a7c0fb70e8b1a083c16797ab827299fb18744f5ad34f227b48337e33293c6",
+}
+
+
+def test_vendored_terminal_is_pinned_and_carries_its_licence():
+    import hashlib
+    vendor = STATIC_DIR / "vendor"
+    for name, digest in VENDORED.items():
+        assert hashlib.sha256((vendor / name).read_bytes()).hexdigest() == digest, name
+    assert "xterm.js authors" in (vendor / "xterm-6.0.0.LICENSE.txt").read_text()
+    assert sorted(p.name for p in vendor.iterdir()) == sorted([*VENDORED, "xterm-6.0.0.LICENSE.txt"])
+
+
+def _get(port, path, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_static_files_carry_etags_gzip_and_cache_headers(web_server):
+    import gzip
+    port = web_server["port"]
+    raw = (STATIC_DIR / "vendor" / "xterm-6.0.0.js").read_bytes()
+    status, headers, body = _get(port, "/vendor/xterm-6.0.0.js", {"Accept-Encoding": "gzip, br"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(body) == raw and len(body) < len(raw) // 3
+    assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert headers["Vary"] == "Accept-Encoding"
+    status, headers, body = _get(port, "/vendor/xterm-6.0.0.js", {"Accept-Encoding": "gzip;q=0"})
+    assert status == 200 and "Content-Encoding" not in headers and body == raw
+    # Our own files are revalidated on every load: an unchanged one costs a 304.
+    status, headers, body = _get(port, "/app.js")
+    assert status == 200 and headers["Cache-Control"] == "no-cache" and headers["ETag"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    status, again, body = _get(port, "/app.js", {"If-None-Match": headers["ETag"]})
+    assert status == 304 and body == b"" and again["ETag"] == headers["ETag"]
+    status, _, body = _get(port, "/app.js", {"If-None-Match": '"stale"'})
+    assert status == 200 and body == (STATIC_DIR / "app.js").read_bytes()
+    # API answers are never cached.
+    assert _get(port, "/sessions")[1]["Cache-Control"] == "no-store"
+
+
+def test_page_weight_stays_small(web_server):
+    """What a first visit transfers, gzipped; docs/web-ui.md reports it."""
+    port = web_server["port"]
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    total = len(_get(port, "/", {"Accept-Encoding": "gzip"})[2])
+    for ref in _referenced_files(html):
+        status, _, body = _get(port, "/" + ref, {"Accept-Encoding": "gzip"})
+        assert status == 200, ref
+        total += len(body)
+    assert total < 200 * 1024, total

@@ -43,7 +43,7 @@ function ago(iso) {
 }
 
 function toast(text, kind = "info") {
-  const close = el("button", { class: "small", type: "button", "aria-label": "Dismiss" }, "×");
+  const close = el("button", { class: "small", type: "button", "aria-label": "Dismiss" }, "\u00d7");
   const item = el("div", { class: `toast ${kind}`, role: kind === "error" ? "alert" : "status" },
     el("p", {}, text), close);
   close.addEventListener("click", () => item.remove());
@@ -277,7 +277,7 @@ function renderTree() {
       class: "small danger", type: "button", title: "Shut down this session",
       "aria-label": `Shut down ${session.name}`,
       onclick: (e) => { e.stopPropagation(); shutdownSession(session.name, e.currentTarget); },
-    }, "×");
+    }, "\u00d7");
     const addWorker = el("button", {
       class: "small", type: "button", title: "Add a worker (w)", "aria-label": `Add a worker to ${session.name}`,
       onclick: (e) => { e.stopPropagation(); openWorkerDialog(session.name); },
@@ -296,7 +296,7 @@ function terminalNode(term) {
   const caller = term.caller_id && state.terminals.get(term.caller_id);
   const sub = [term.agent_profile, term.provider, role && `role ${role}`,
     caller ? `from ${caller.name}` : term.caller_id ? `from ${term.caller_id}` : null,
-    term.description].filter(Boolean).join(" · ");
+    term.description].filter(Boolean).join(" \u00b7 ");
   return el("div", {
     class: `node s-${status}`, role: "treeitem", "data-id": term.id,
     "aria-selected": String(state.selected === term.id),
@@ -315,7 +315,7 @@ function renderCounts() {
   const parts = [`${state.sessions.length} session${state.sessions.length === 1 ? "" : "s"}`,
     `${terms.length} agent${terms.length === 1 ? "" : "s"}`, `${busy} busy`];
   if (waiting) parts.push(`${waiting} waiting`);
-  $("#counts").textContent = parts.join(" · ");
+  $("#counts").textContent = parts.join(" \u00b7 ");
 }
 
 function select(id) {
@@ -377,7 +377,7 @@ class Pane {
         el("span", { class: "dot", "aria-hidden": "true" }),
         el("span", { class: "title" }, term.name),
         el("span", { class: "st" }, STATUS_TEXT[status] || status)),
-      el("span", { class: "meta" }, `${term.provider} · ${term.agent_profile} · ${term.session_name} · ${term.id}`),
+      el("span", { class: "meta" }, `${term.provider} \u00b7 ${term.agent_profile} \u00b7 ${term.session_name} \u00b7 ${term.id}`),
       el("span", { class: "grow" }),
       button("Type", "Type into the agent (t); Ctrl+] stops", () => this.focus()),
       button("Message", "Queue a message to its inbox (m)", () => { setCurrent(this.id); showPanel("inbox", true); }),
@@ -499,7 +499,7 @@ function renderTabs() {
     el("span", { class: "dot", "aria-hidden": "true" }),
     el("span", {}, term ? term.name : id),
     el("button", { class: "close", type: "button", "aria-label": `Close tab ${term ? term.name : id}`,
-      onclick: (e) => { e.stopPropagation(); closeTab(id); } }, "×"));
+      onclick: (e) => { e.stopPropagation(); closeTab(id); } }, "\u00d7"));
   });
   $("#tabs").replaceChildren(...tabs);
 }
@@ -563,7 +563,7 @@ async function refreshApprovals() {
 function answerChoices(question) {
   const choices = [];
   if (/\[y\/n\]|\(y\/n\)|yes\/no/i.test(question)) choices.push(["y", "Yes"], ["n", "No"]);
-  for (const m of question.matchAll(/^\s*(?:[❯>›]\s*)?(\d)[.)]\s+(.{1,40})/gm)) choices.push([m[1], `${m[1]}. ${m[2].trim()}`]);
+  for (const m of question.matchAll(/^\s*(?:[\u276f>\u203a]\s*)?(\d)[.)]\s+(.{1,40})/gm)) choices.push([m[1], `${m[1]}. ${m[2].trim()}`]);
   return choices;
 }
 
@@ -612,7 +612,7 @@ async function loadFlows() {
   $("#flows").replaceChildren(...flows.map((f) => {
     const run = el("button", { class: "small", type: "button", disabled: f.running,
       onclick: async (e) => { await act(e.currentTarget, () => api("POST", `/flows/${q(f.name)}/run`), `Flow ${f.name} ran`); loadPanel("flows"); } },
-    f.running ? "Running…" : "Run now");
+    f.running ? "Running\u2026" : "Run now");
     const toggle = el("button", { class: "small", type: "button",
       onclick: async (e) => { await act(e.currentTarget, () => api("POST", `/flows/${q(f.name)}/${f.enabled ? "disable" : "enable"}`)); loadPanel("flows"); } },
     f.enabled ? "Disable" : "Enable");
@@ -620,7 +620,7 @@ async function loadFlows() {
     return el("li", { class: "card", "data-flow": f.name },
       el("div", { class: "head" }, el("b", {}, f.name), el("span", { class: `tag ${f.enabled ? "yes" : "no"}` }, f.enabled ? "enabled" : "disabled")),
       el("p", {}, el("code", {}, f.schedule), ` runs ${f.agent_profile}${f.provider ? ` on ${f.provider}` : ""}`),
-      el("p", { class: "muted" }, `Last: ${last}. Next: ${f.enabled && f.next_run ? ago(f.next_run) : "—"}`),
+      el("p", { class: "muted" }, `Last: ${last}. Next: ${f.enabled && f.next_run ? ago(f.next_run) : "\u2014"}`),
       el("div", { class: "row" }, run, toggle));
   }));
   $("#flows-empty").hidden = flows.length > 0;
@@ -693,7 +693,7 @@ async function loadPlugins() {
   const items = [...info.plugins.map((p) => el("li", { class: "card" },
     el("div", { class: "head" }, el("b", {}, p.name), p.format ? el("span", { class: "tag" }, p.format) : null),
     el("p", { class: "muted" }, Object.entries(p).filter(([k]) => !["name", "format"].includes(k))
-      .map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(", ") : v}`).join(" · ")))),
+      .map(([k, v]) => `${k}: ${Array.isArray(v) ? v.join(", ") : v}`).join(" \u00b7 ")))),
   ...info.problems.map((text) => el("li", { class: "card" }, el("p", { class: "tag error" }, String(text))))];
   $("#plugins").replaceChildren(...items);
   $("#plugins-empty").hidden = items.length > 0;
