@@ -3,7 +3,7 @@ long-polled on the client's etag so an idle terminal costs nothing."""
 import threading
 import time
 
-from conftest import demo_session
+from conftest import demo_session, wait_for
 
 
 def test_screen_is_sent_again_only_when_it_changed(server):
@@ -24,3 +24,40 @@ def test_screen_is_sent_again_only_when_it_changed(server):
     assert "> hello screen" in changed["screen"]
     assert server.request("GET", f"/terminals/{tid}/screen?wait=99")[0] == 400
     assert server.request("GET", "/terminals/abcdef12/screen")[0] == 404
+
+
+def test_keys_typed_in_a_browser_terminal_become_tmux_keys():
+    import cao
+    literal = cao._LITERAL
+    assert [cao._typed_key(t) for t in cao._TYPED_TOKEN_RE.findall(
+        "ab;c\r\x03\x1b\t\x7f\x1b[A\x1b[B\x1bOC\x1b[D\x1b[1;5C\x1b[3~\x1b[5~\x1bf\x1b[Z")] == [
+        literal, "Enter", "C-c", "Escape", "Tab", "BSpace", "Up", "Down", "Right", "Left",
+        "C-Right", "DC", "PPage", "M-f", "BTab"]
+    assert cao._typed_key("\x1b[99x") is None
+
+
+def test_typed_text_reaches_the_agent_literally_and_bad_keys_are_refused(server):
+    tid = demo_session(server, "typed")
+    # tmux would read a last ';' as a command separator and "Enter" as a key name.
+    assert server.request("POST", f"/terminals/{tid}/keys", {"data": "Enter a;b;"})[0] == 200
+    assert server.request("POST", f"/terminals/{tid}/keys", {"data": "\r"})[0] == 200
+    wait_for(lambda: "done: Enter a;b;" in server.request(
+        "GET", f"/terminals/{tid}/output")[1]["output"], 20, what="the typed line's answer")
+    code, body = server.request("POST", f"/terminals/{tid}/keys", {"data": "x\x1b[99x"})
+    assert code == 400 and "unsupported key sequence" in body["detail"]
+    assert server.request("POST", f"/terminals/{tid}/keys", {"data": ""})[0] == 400
+    assert server.request("POST", f"/terminals/{tid}/keys", {"data": "y" * 5000})[0] == 400
+    assert server.request("POST", "/terminals/abcdef12/keys", {"data": "x"})[0] == 404
+
+
+def test_approvals_lists_each_waiting_agent_with_its_question(server):
+    tid = demo_session(server, "waits")
+    assert server.request("GET", "/approvals") == (200, [])
+    assert server.request("POST", f"/terminals/{tid}/input", {"message": "/ask Deploy now?"})[0] == 200
+    waiting = wait_for(lambda: server.request("GET", "/approvals")[1], 20, what="an approval")
+    assert [w["id"] for w in waiting] == [tid]
+    assert waiting[0]["status"] == "waiting_user_answer"
+    assert waiting[0]["question"].endswith("? Deploy now? [y/n]")
+    assert server.request("POST", f"/terminals/{tid}/answer", {"answer": "n"})[0] == 200
+    wait_for(lambda: server.request("GET", "/approvals")[1] == [], 20, what="the approval to clear")
+    assert [t["id"] for t in server.request("GET", "/terminals")[1]] == [tid]
