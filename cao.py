@@ -2035,18 +2035,23 @@ class PaneWatcher(threading.Thread):
 
     def wait_settled(self, terminal_id, after_count, quiet=0.08, timeout=1.0):
         """Wait until the pane printed something after after_count and then went quiet."""
+        return bool(self.wait_any_settled({terminal_id: after_count}, quiet, timeout))
+
+    def wait_any_settled(self, counts, quiet=0.08, timeout=1.0):
+        """Wait until panes printed something after their counts ({terminal id: count})
+        and then went quiet; returns those ids, or [] at the timeout or when all are gone."""
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
-                pane = self.panes.get(terminal_id)
                 now = time.monotonic()
-                if pane is None or now >= deadline:
-                    return False
-                if pane.outputs > after_count and now - pane.last_output >= quiet:
-                    return True
-                wait = deadline - now
-                if pane.outputs > after_count:
-                    wait = min(wait, quiet - (now - pane.last_output))
+                panes = [p for p in map(self.panes.get, counts) if p is not None]
+                if not panes or now >= deadline:
+                    return []
+                moved = [p for p in panes if p.outputs > counts[p.terminal_id]]
+                settled = [p.terminal_id for p in moved if now - p.last_output >= quiet]
+                if settled:
+                    return settled
+                wait = min([deadline - now] + [quiet - (now - p.last_output) for p in moved])
                 self.cond.wait(max(wait, 0.005))
 
     def _add(self, terminal_id, pane_id):
@@ -2423,6 +2428,7 @@ class StatusTracker:
 
 
 MAX_TYPED = 4096
+MAX_SCREENS = 64  # terminals one GET /screens may follow
 _LITERAL = object()
 _TYPED_TOKEN_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z~]|\x1bO[A-Za-z]|\x1b[\x20-\x7e]|"
                              r"[\x00-\x1f\x7f]|[^\x00-\x1f\x7f]+")
@@ -2705,20 +2711,43 @@ class Terminals:
         """The visible screen with its colours, for a terminal emulator in a browser. With
         the etag of the client's copy, wait up to `wait` s for a change before answering
         {"changed": false}: an idle terminal costs a watcher nothing."""
-        import hashlib
-        row = self.row(terminal_id)
-        deadline = time.monotonic() + wait
+        self.row(terminal_id)
+        changed = self.screens({terminal_id: etag}, wait)
+        if changed:
+            return changed[0]
+        return {"terminal_id": terminal_id, "changed": False, "etag": etag}
+
+    def screens(self, etags, wait=0.0):
+        """The screens ({terminal id: the client's etag}) that differ from the client's
+        copies, as soon as one does or when `wait` runs out: one long-poll serves every
+        terminal a page shows. A terminal that is gone is answered {"gone": true}."""
+        deadline, pending, changed, counts = time.monotonic() + wait, list(etags), [], {}
         while True:
-            count = self.watcher.output_count(terminal_id)
-            screen, cursor, size = tmux_screen(row["pane_id"])
-            tag = hashlib.sha1(f"{screen}{cursor}{size}".encode()).hexdigest()[:16]
+            for tid in pending:  # count first: output after the capture is a change to come
+                counts[tid] = self.watcher.output_count(tid)
+                screen = self._screen(tid)
+                if screen.get("etag") != etags[tid]:
+                    changed.append(screen)
             left = deadline - time.monotonic()
-            if tag != etag:
-                return {"terminal_id": terminal_id, "changed": True, "etag": tag, "screen": screen,
-                        "cursor": list(cursor), "size": list(size)}
-            # Output may come in bursts: answer once it has been quiet for 30 ms.
-            if left <= 0 or not self.watcher.wait_settled(terminal_id, count, 0.03, left):
-                return {"terminal_id": terminal_id, "changed": False, "etag": tag}
+            if changed or left <= 0:
+                return changed
+            # Output may come in bursts: look again once it has been quiet for 30 ms.
+            pending = self.watcher.wait_any_settled(counts, 0.03, left)
+            if not pending:
+                return changed
+
+    def _screen(self, terminal_id):
+        import hashlib
+        row = self.store.one("SELECT pane_id FROM terminals WHERE id = ?", (terminal_id,))
+        try:
+            screen, cursor, size = tmux_screen(row["pane_id"]) if row else (None, None, None)
+        except TmuxError:
+            screen = None
+        if screen is None:
+            return {"terminal_id": terminal_id, "changed": True, "gone": True}
+        tag = hashlib.sha1(f"{screen}{cursor}{size}".encode()).hexdigest()[:16]
+        return {"terminal_id": terminal_id, "changed": True, "etag": tag, "screen": screen,
+                "cursor": list(cursor), "size": list(size)}
 
     def set_description(self, terminal_id, description):
         self.row(terminal_id)
@@ -4949,6 +4978,18 @@ def _handoff_result(app, req):
 @route("GET", r"/terminals/(?P<id>[^/]+)/screen")
 def _terminal_screen(app, req):
     return app.terminals.screen(req.params["id"], req.arg("etag"), req.number("wait", 0, 0, 60))
+
+
+@route("GET", r"/screens")
+def _screens(app, req):
+    wanted = req.query.get("terminal", [])
+    if not wanted or len(wanted) > MAX_SCREENS:
+        raise CaoError(f"name 1 to {MAX_SCREENS} terminals as ?terminal=ID or ?terminal=ID:ETAG")
+    etags = {}
+    for item in wanted:
+        tid, _, etag = item.partition(":")
+        etags[check_terminal_id(tid)] = etag or None
+    return {"screens": app.terminals.screens(etags, req.number("wait", 0, 0, 60))}
 
 
 @route("GET", r"/terminals/(?P<id>[^/]+)/working-directory")

@@ -50,7 +50,8 @@ def client(port):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def call(method, path, body=None):
-        conn.request(method, path, body=json.dumps(body) if body is not None else None)
+        conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                     headers={"Content-Type": "application/json"} if body is not None else {})
         resp = conn.getresponse()
         data = json.loads(resp.read() or b"null")
         if resp.status >= 400:

@@ -61,3 +61,25 @@ def test_approvals_lists_each_waiting_agent_with_its_question(server):
     assert server.request("POST", f"/terminals/{tid}/answer", {"answer": "n"})[0] == 200
     wait_for(lambda: server.request("GET", "/approvals")[1] == [], 20, what="the approval to clear")
     assert [t["id"] for t in server.request("GET", "/terminals")[1]] == [tid]
+
+
+def test_one_long_poll_follows_several_screens_and_answers_with_the_changed_one(server):
+    quiet, busy = demo_session(server, "quiet"), demo_session(server, "busy")
+    code, body = server.request("GET", f"/screens?terminal={quiet}&terminal={busy}")
+    assert code == 200 and {s["terminal_id"] for s in body["screens"]} == {quiet, busy}
+    etags = {s["terminal_id"]: s["etag"] for s in body["screens"]}
+    query = f"terminal={quiet}:{etags[quiet]}&terminal={busy}:{etags[busy]}"
+    assert server.request("GET", f"/screens?{query}&wait=0.3") == (200, {"screens": []})
+    timer = threading.Timer(0.3, server.request, ("POST", f"/terminals/{busy}/input",
+                                                  {"message": "only me"}))
+    timer.start()
+    code, body = server.request("GET", f"/screens?{query}&wait=20")
+    timer.join()
+    assert code == 200 and [s["terminal_id"] for s in body["screens"]] == [busy]
+    assert "> only me" in body["screens"][0]["screen"]
+    assert server.request("DELETE", f"/terminals/{quiet}")[0] == 200
+    code, body = server.request("GET", f"/screens?terminal={quiet}:{etags[quiet]}&wait=5")
+    assert code == 200 and body["screens"] == [{"terminal_id": quiet, "changed": True, "gone": True}]
+    assert server.request("GET", "/screens")[0] == 400
+    assert server.request("GET", "/screens?terminal=nothex!")[0] == 400
+    assert server.request("GET", "/screens?" + "&".join(["terminal=abcdef12"] * 65))[0] == 400

@@ -341,7 +341,8 @@ class Pane {
   constructor(id) {
     this.id = id;
     this.etag = null;
-    this.controller = null;
+    this.visible = false;
+    this.isGone = false;
     this.sending = Promise.resolve();
     this.screenBox = el("div", { class: "screen", "aria-label": "terminal screen" });
     this.head = el("div", { class: "pane-head" });
@@ -377,8 +378,8 @@ class Pane {
         el("span", { class: "dot", "aria-hidden": "true" }),
         el("span", { class: "title" }, term.name),
         el("span", { class: "st" }, STATUS_TEXT[status] || status)),
-      el("span", { class: "meta" }, `${term.provider} \u00b7 ${term.agent_profile} \u00b7 ${term.session_name} \u00b7 ${term.id}`),
-      el("span", { class: "grow" }),
+      el("span", { class: "meta", title: term.working_directory },
+        `${term.provider} \u00b7 ${term.agent_profile} \u00b7 ${term.session_name} \u00b7 ${term.id}`),
       button("Type", "Type into the agent (t); Ctrl+] stops", () => this.focus()),
       button("Message", "Queue a message to its inbox (m)", () => { setCurrent(this.id); showPanel("inbox", true); }),
       button("Exit", "Ask the agent to exit (x)", (e) => exitTerminal(this.id, e.currentTarget)),
@@ -393,30 +394,7 @@ class Pane {
 
   setVisible(visible) {
     this.root.hidden = !visible;
-    if (visible && !this.controller) this.follow();
-    if (!visible && this.controller) {
-      this.controller.abort();
-      this.controller = null;
-    }
-  }
-
-  async follow() {
-    const controller = this.controller = new AbortController();
-    while (this.controller === controller) {
-      try {
-        const etag = this.etag ? `&etag=${q(this.etag)}` : "";
-        const screen = await api("GET", `/terminals/${this.id}/screen?wait=25${etag}`, undefined, controller.signal);
-        if (screen.changed) this.draw(screen);
-      } catch (err) {
-        if (err.name === "AbortError") return;
-        if (err.status === 404) {
-          this.gone("This terminal no longer exists.");
-          return;
-        }
-        if (err instanceof Unreachable) await whenOnline();
-        else await sleep(1000);
-      }
-    }
+    this.visible = visible;
   }
 
   draw(screen) {
@@ -435,18 +413,52 @@ class Pane {
   }
 
   gone(text) {
+    this.isGone = true;
     this.screenBox.replaceChildren(el("p", { class: "gone" }, text));
-    if (this.controller) this.controller.abort();
-    this.controller = null;
   }
 
   dispose() {
-    if (this.controller) this.controller.abort();
-    this.controller = null;
+    this.visible = false;
     this.term.dispose();
     this.root.remove();
   }
 }
+
+// One long-poll follows every terminal on screen: a browser keeps at most six
+// connections to a server, so a request per terminal would stall the rest.
+const screenFeed = {
+  controller: null,
+
+  restart() {
+    if (this.controller) this.controller.abort();
+    this.controller = null;
+    const panes = [...state.panes.values()].filter((pane) => pane.visible && !pane.isGone);
+    if (panes.length) this.follow(panes);
+  },
+
+  async follow(panes) {
+    const controller = this.controller = new AbortController();
+    while (this.controller === controller) {
+      const query = panes.map((p) => `terminal=${p.id}${p.etag ? `:${p.etag}` : ""}`).join("&");
+      try {
+        const reply = await api("GET", `/screens?wait=25&${query}`, undefined, controller.signal);
+        for (const screen of reply.screens) {
+          const pane = state.panes.get(screen.terminal_id);
+          if (pane && screen.gone) pane.gone("This terminal no longer exists.");
+          else if (pane) pane.draw(screen);
+        }
+        if (reply.screens.some((screen) => screen.gone)) {
+          this.restart();
+          return;
+        }
+      } catch (err) {
+        if (err.name === "AbortError") return;
+        if (err instanceof Unreachable) await whenOnline();
+        else await sleep(1000);
+      }
+    }
+  },
+};
 
 function openTab(id) {
   if (!state.terminals.has(id)) return;
@@ -484,6 +496,7 @@ function layoutPanes() {
     pane.root.classList.toggle("current", id === state.current);
     pane.term.options.fontSize = state.split ? 10 : 12;
   }
+  screenFeed.restart();
   $("#panes-empty").hidden = state.panes.size > 0;
   $("#layout-btn").textContent = state.split ? "Tabs" : "Side by side";
   renderTabs();
