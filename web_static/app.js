@@ -33,7 +33,7 @@ function statusOf(term) { return term.status || "unknown"; }
 
 function ago(iso) {
   if (!iso) return "never";
-  const when = new Date(iso.endsWith("Z") ? iso : iso + "Z");
+  const when = new Date(iso);  // the server's local time, as upstream writes it
   if (isNaN(when)) return iso;
   const s = Math.round((Date.now() - when) / 1000);
   if (Math.abs(s) < 60) return s >= 0 ? `${s}s ago` : `in ${-s}s`;
@@ -372,16 +372,17 @@ class Pane {
     const term = this.info;
     if (!term) return;
     const status = statusOf(term);
-    const button = (label, title, action) => el("button", { class: "small", type: "button", title, onclick: action }, label);
+    const button = (label, title, action, optional) => el("button", {
+      class: optional ? "small optional" : "small", type: "button", title, onclick: action }, label);
     this.head.replaceChildren(
       el("span", { class: `node s-${status}`, style: "display:contents" },
         el("span", { class: "dot", "aria-hidden": "true" }),
         el("span", { class: "title" }, term.name),
         el("span", { class: "st" }, STATUS_TEXT[status] || status)),
-      el("span", { class: "meta", title: term.working_directory },
+      el("span", { class: "meta optional", title: term.working_directory },
         `${term.provider} \u00b7 ${term.agent_profile} \u00b7 ${term.session_name} \u00b7 ${term.id}`),
-      button("Type", "Type into the agent (t); Ctrl+] stops", () => this.focus()),
-      button("Message", "Queue a message to its inbox (m)", () => { setCurrent(this.id); showPanel("inbox", true); }),
+      button("Type", "Type into the agent (t); Ctrl+] stops", () => this.focus(), true),
+      button("Message", "Queue a message to its inbox (m)", () => { setCurrent(this.id); showPanel("inbox", true); }, true),
       button("Exit", "Ask the agent to exit (x)", (e) => exitTerminal(this.id, e.currentTarget)),
       el("button", { class: "small danger", type: "button", title: "Delete this terminal (Delete)",
         onclick: (e) => deleteTerminal(this.id, e.currentTarget) }, "Delete"));
