@@ -32,7 +32,8 @@ table at the end is data that the providers section reads.
   flows             agent sessions on a cron schedule, with gating scripts
   plugins and webhooks  observers that follow the event log, each on its own
   application       App: makes the parts above and wires them together
-  HTTP API          routes by resource; Host, Origin and framing checks; limits
+  HTTP API          routes by resource; Host, Origin and framing checks; limits;
+                    web_static/ (the web console) with ETags and gzip
   MCP servers       `cao mcp` and `cao ops-mcp` serve the tool tables over stdio
   demo agent        the small interactive agent behind the `demo` provider
   CLI               a table of @command functions, each with its options;

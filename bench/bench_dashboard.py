@@ -155,7 +155,35 @@ def run_cao(args, window, browser_page):
                 "bench agent", timeout=20000)
             time.sleep(3)
             split = measure(window, groups)
-    return {"cao, tabs (1 drawn)": tabs, f"cao, side by side ({args.terminals} drawn)": split}, weight
+            lags = status_lags(page, client(port), ids[args.busy:][-10:])
+    return {"cao, tabs (1 drawn)": tabs, f"cao, side by side ({args.terminals} drawn)": split}, \
+        weight, lags
+
+
+WATCH_STATUS = """([id, wanted]) => {
+    const seen = () => document.querySelector(`.tree .node[data-id="${id}"] .st`)?.textContent === wanted;
+    window.__shown = new Promise((resolve) => {
+        const observer = new MutationObserver(() => {
+            if (seen()) { observer.disconnect(); resolve(Date.now() / 1000); }
+        });
+        observer.observe(document.querySelector("#tree"), {childList: true, subtree: true});
+    });
+}"""
+
+
+def status_lags(page, api, ids):
+    """ms from the server's `status: processing` event to the tree showing it, per agent."""
+    lags = []
+    for tid in ids:
+        cursor = api("GET", "/events")["next"]
+        page.evaluate(WATCH_STATUS, [tid, "processing"])
+        api("POST", f"/terminals/{tid}/input?message=work+for+an+hour")
+        drawn = page.evaluate("window.__shown")
+        events = api("GET", f"/events?after={cursor}&wait=0")["events"]
+        ts = [e["ts"] for e in events if e["kind"] == "status" and e["terminal_id"] == tid
+              and e["data"]["status"] == "processing"]
+        lags.append(1000 * (drawn - ts[0]))
+    return lags
 
 
 def run_upstream(args, window, browser_page):
@@ -189,7 +217,7 @@ def run_upstream(args, window, browser_page):
                       "browser": chromium_pids, "tmux server": lambda: tmux_pid}
             time.sleep(3)
             one = measure(window, groups)
-    return {"upstream 2.5.4 (1 terminal open)": one}, weight
+    return {"upstream 2.5.4 (1 terminal open)": one}, weight, None
 
 
 def main():
@@ -217,11 +245,13 @@ def main():
             finally:
                 stop_group(chromium)
 
-    results, weights = {}, {}
+    results, weights, status_lag = {}, {}, None
     for side, run in (("cao", run_cao), ("upstream", run_upstream)):
         if args.side in (side, "both"):
-            figures, weights[side] = run(args, window, browser_page)
+            figures, weights[side], lags = run(args, window, browser_page)
             results.update(figures)
+            if lags:
+                status_lag = lags
 
     print(f"Web console, {args.terminals} agents of which {args.busy} busy (working quietly), "
           f"{window} s windows while nothing changes on screen; % of one core")
@@ -233,6 +263,10 @@ def main():
         print(f"  {row:18}" + "".join(f"{results[n][row]:36.2f}" for n in names))
     print(f"  {'browser + server':18}" + "".join(
         f"{results[n]['server'] + results[n]['browser']:36.2f}" for n in names) + "   (target < 5)")
+    if status_lag:
+        lag = sorted(status_lag)
+        print(f"  cao: a status change reaches the tree {lag[len(lag) // 2]:.0f} ms (p50), "
+              f"{lag[-1]:.0f} ms (max) after the server records it ({len(lag)} agents; target 500)")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_launch_from_the_ui_type_into_the_terminal_and_see_the_answer_drawn(page
     page.keyboard.type("hello; from the browser")
     page.keyboard.press("Enter")
     expect(_screen(page)).to_contain_text("done: hello; from the browser", timeout=WAIT_MS)
-    expect(node.locator(".st")).to_have_text("done", timeout=WAIT_MS)
+    expect(node.locator(".st")).to_have_text("completed", timeout=WAIT_MS)
 
     page.keyboard.press("Control+c")  # the demo agent exits on Ctrl-C
     expect(node.locator(".st")).to_have_text("error", timeout=WAIT_MS)

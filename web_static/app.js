@@ -24,10 +24,7 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-const STATUS_TEXT = {
-  idle: "idle", processing: "busy", completed: "done", waiting_user_answer: "waiting",
-  error: "error", unknown: "starting",
-};
+const STATUS_TEXT = { waiting_user_answer: "waiting", unknown: "starting" };
 
 function statusOf(term) { return term.status || "unknown"; }
 
@@ -313,7 +310,7 @@ function renderCounts() {
   const busy = terms.filter((t) => t.status === "processing").length;
   const waiting = terms.filter((t) => t.status === "waiting_user_answer").length;
   const parts = [`${state.sessions.length} session${state.sessions.length === 1 ? "" : "s"}`,
-    `${terms.length} agent${terms.length === 1 ? "" : "s"}`, `${busy} busy`];
+    `${terms.length} agent${terms.length === 1 ? "" : "s"}`, `${busy} processing`];
   if (waiting) parts.push(`${waiting} waiting`);
   $("#counts").textContent = parts.join(" \u00b7 ");
 }
