@@ -196,3 +196,32 @@ def test_the_page_says_when_the_server_is_down_and_recovers_by_itself(page, serv
     expect(banner).to_be_hidden(timeout=WAIT_MS)
     expect(page.locator("#conn")).to_have_text("live")
     expect(page.locator(".tree .sess[data-session='cao-after']")).to_be_visible(timeout=WAIT_MS)
+
+
+def test_catalog_panels_and_shutting_down_a_session(page, server):
+    term = _session(server, "catalog")
+    assert server.request("POST", "/internal/memory/store", {
+        "content": "Run the tests with pytest -q", "key": "test-command", "scope": "global",
+        "terminal_context": {"terminal_id": term["id"]}})[0] == 200
+    page.keyboard.press("p")
+    expect(page.locator("#profiles .card[data-name='reviewer']")).to_contain_text("role reviewer")
+    expect(page.locator("#providers tr[data-name='demo'] .tag")).to_have_text("installed")
+    page.keyboard.press("s")
+    skill = page.locator("#skills .card[data-name='cao-worker-protocols']")
+    skill.get_by_role("button", name="View").click()
+    expect(page.locator("#skill-dialog pre")).to_contain_text("#")
+    page.keyboard.press("Escape")
+    page.keyboard.press("r")
+    memory = page.locator("#memory .card", has_text="test-command")
+    expect(memory).to_contain_text("Run the tests with pytest -q")
+    memory.get_by_role("button", name="Forget test-command").click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator("#memory .card")).to_have_count(0, timeout=WAIT_MS)
+    assert server.request("GET", "/memory")[1] == []
+    page.keyboard.press("u")
+    expect(page.locator("#plugins-empty")).to_be_visible()
+
+    page.get_by_role("button", name="Shut down cao-catalog").click()
+    page.locator("#confirm-ok").click()
+    expect(page.locator(".tree .sess[data-session='cao-catalog']")).to_have_count(0, timeout=WAIT_MS)
+    assert server.request("GET", "/sessions/catalog")[0] == 404

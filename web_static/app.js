@@ -639,19 +639,19 @@ async function loadFlows() {
 
 async function loadAgents() {
   await refreshCatalog();
-  $("#profiles").replaceChildren(...state.profiles.map((p) => el("li", { class: "card" },
+  $("#profiles").replaceChildren(...state.profiles.map((p) => el("li", { class: "card", "data-name": p.name },
     el("div", { class: "head" }, el("b", {}, p.name), p.role ? el("span", { class: "tag" }, `role ${p.role}`) : null,
       el("span", { class: "tag" }, p.source),
       el("button", { class: "small", type: "button", onclick: () => openLaunchDialog(p.name) }, "Launch")),
     el("p", { class: "muted" }, p.error ? `Error: ${p.error}` : p.description))));
-  $("#providers").replaceChildren(...state.providers.map((p) => el("tr", {},
+  $("#providers").replaceChildren(...state.providers.map((p) => el("tr", { "data-name": p.name },
     el("td", {}, p.name), el("td", {}, el("code", {}, p.binary)),
     el("td", {}, el("span", { class: `tag ${p.installed ? "yes" : "no"}` }, p.installed ? "installed" : "not installed")))));
 }
 
 async function loadSkills() {
   const skills = await api("GET", "/skills");
-  $("#skills").replaceChildren(...skills.map((s) => el("li", { class: "card" },
+  $("#skills").replaceChildren(...skills.map((s) => el("li", { class: "card", "data-name": s.name },
     el("div", { class: "head" }, el("b", {}, s.name), el("span", { class: "tag" }, s.source),
       el("button", { class: "small", type: "button", onclick: (e) => showSkill(s.name, e.currentTarget) }, "View")),
     el("p", { class: "muted" }, s.description))));
