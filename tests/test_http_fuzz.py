@@ -61,7 +61,7 @@ def _refused(rng, port, inner):
         ctype = rng.choice(["text/plain", "application/json", "multipart/form-data; boundary=x"])
         return post([("Origin", origin), ("Content-Type", ctype)]), {403}
     if kind == 1:
-        return post([JSON], target=rng.choice(["/nope", "/sessions/x/y/z", "/terminals"])), {404}
+        return post([JSON], target=rng.choice(["/nope", "/sessions/x/y/z", "/terminals/x/y"])), {404}
     if kind == 2:
         return post([JSON], method=rng.choice(["PUT", "PATCH"])), {405}
     if kind == 3:

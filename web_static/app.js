@@ -230,8 +230,8 @@ async function followEvents() {
       const first = state.seq === null;
       state.seq = reply.next;
       if (reconnected) {
+        await refreshAll();  // "live" only once the page shows what the server has
         setOnline(true);
-        await refreshAll();
         if (!first) toast("Reconnected to cao-server");
       }
       reply.events.forEach(applyEvent);
@@ -755,7 +755,12 @@ function bindDialog(dialog, form, submit) {
   });
 }
 
-function openLaunchDialog(profile) {
+async function ensureCatalog() {
+  if (!state.profiles.length) await refreshCatalog();
+}
+
+async function openLaunchDialog(profile) {
+  if (!await act(null, async () => { await ensureCatalog(); return true; })) return;
   const dialog = $("#launch-dialog");
   const form = $("#launch-form");
   form.reset();
@@ -779,9 +784,10 @@ async function launch(data) {
 }
 
 let workerSession = null;
-function openWorkerDialog(session) {
+async function openWorkerDialog(session) {
   workerSession = session || sessionOfCurrent();
   if (!workerSession) { toast("Launch a session first (n)", "error"); return; }
+  if (!await act(null, async () => { await ensureCatalog(); return true; })) return;
   const caller = state.terminals.get(currentTerminal());
   const reportsTo = caller && caller.session_name === workerSession ? caller
     : [...state.terminals.values()].find((t) => t.session_name === workerSession);
