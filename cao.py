@@ -702,26 +702,51 @@ def list_resources(reldir):
     return []
 
 
+def vendor_target():
+    """This interpreter's name among a pyz's vendored targets, e.g. cp311-x86_64."""
+    import platform
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(),
+                                                          platform.machine().lower())
+    try:  # only glibc answers this; the vendored wheels are manylinux (glibc) builds
+        libc = "" if os.confstr("CS_GNU_LIBC_VERSION") else "-nonglibc"
+    except (ValueError, OSError):
+        libc = "-nonglibc"
+    kind = "cp" if sys.implementation.name == "cpython" else sys.implementation.name
+    version = f"{kind}{sys.version_info[0]}{sys.version_info[1]}"
+    return f"{version}-{machine}{libc}" if sys.platform == "linux" else f"{version}-{sys.platform}"
+
+
 def _vendored_site_packages(archive):
-    """Extract a pyz's _vendor/ once to a cache keyed by its content; returns the dir."""
+    """Extract, once, the layers of the pyz's _vendor/ that this interpreter's target
+    lists to a cache folder keyed by their content; returns that folder, or None."""
     import hashlib
     import zipfile
     with zipfile.ZipFile(archive) as z:
-        members = [i for i in z.infolist() if i.filename.startswith("_vendor/")]
-        if not members:
+        try:
+            targets = json.loads(z.read("_vendor/manifest.json"))["targets"]
+        except KeyError:
             return None
+        target_name = vendor_target()
+        if target_name not in targets:
+            raise ConfigError(
+                f"this cao.pyz carries mcp for {', '.join(sorted(targets))}, not for this "
+                f"Python ({target_name}, {sys.executable}); run it with CPython 3.10-3.13 on "
+                "Linux x86_64 or aarch64, or `pip install mcp croniter` for this Python")
+        prefixes = tuple(f"_vendor/{n}/" for n in targets[target_name])
+        members = [i for i in z.infolist() if i.filename.startswith(prefixes)]
         digest = hashlib.sha256("".join(f"{i.filename}:{i.CRC}" for i in members).encode())
         cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cao"
         target = cache / f"vendor-{digest.hexdigest()[:16]}"
         if not (target / ".complete").exists():
             staging = Path(str(target) + f".{os.getpid()}.tmp")
-            z.extractall(staging, members)
+            for info in members:  # the layers merge into one folder: a package is never split
+                info.filename = info.filename.split("/", 2)[2]
+                z.extract(info, staging)
             try:
-                os.replace(staging / "_vendor", target)
+                os.replace(staging, target)
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)  # another process won the race
             (target / ".complete").touch()
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

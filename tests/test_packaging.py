@@ -81,19 +81,67 @@ def test_pip_install_gives_console_scripts(tmp_path, cao_env):
         kill_pid(proc.pid)
 
 
-@pytest.mark.slow
-def test_pyz_with_vendored_mcp_serves_mcp_on_a_bare_python(cao_env, tmp_path):
-    out = tmp_path / "cao.pyz"
+@pytest.fixture(scope="module")
+def pyz_with_mcp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist-mcp") / "cao.pyz"
     built = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--with-mcp", "-o", str(out)],
                            capture_output=True, text=True)
     if built.returncode and "No matching distribution" in built.stderr:
         pytest.skip("mcp is not reachable (no package index)")
     assert built.returncode == 0, built.stderr
+    return out
+
+
+def _python(version):
+    """A real interpreter of that version here (pyenv's or on PATH, not a shim), or None."""
+    found = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python3"))
+    python = str(found[-1]) if found else shutil.which(f"python{version}")
+    return None if not python or "/shims/" in python else python
+
+
+@pytest.mark.slow
+def test_one_pyz_carries_mcp_for_every_target_within_the_size_budget(pyz_with_mcp):
+    import json
+    with zipfile.ZipFile(pyz_with_mcp) as z:
+        targets = json.loads(z.read("_vendor/manifest.json"))["targets"]
+        names = z.namelist()
+    assert sorted(targets) == sorted(f"cp3{v}-{m}" for v in (10, 11, 12, 13)
+                                     for m in ("x86_64", "aarch64"))
+    for target, layers in targets.items():  # each target has its own compiled pydantic-core
+        version = target[2:].split("-")[0]
+        machine = target.split("-")[1]
+        assert any(n.startswith(tuple(f"_vendor/{n}/" for n in layers)) and
+                   f"_pydantic_core.cpython-{version}-{machine}-linux-gnu.so" in n for n in names), target
+    assert pyz_with_mcp.stat().st_size < 30 * 1024 * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13"])
+def test_pyz_with_vendored_mcp_serves_mcp_on_each_bare_cpython(cao_env, tmp_path, pyz_with_mcp, version):
+    python = _python(version)
+    if not python:
+        pytest.skip(f"python{version} is not installed here")
     env = dict(cao_env.env, XDG_CACHE_HOME=str(tmp_path / "cache"), CAO_TERMINAL_ID="abcdef12")
     init = ('{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":'
             '"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}\n')
-    proc = subprocess.run(BARE + [str(out), "mcp"], input=init, capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run([python, "-I", "-S", str(pyz_with_mcp), "mcp"], input=init,
+                          capture_output=True, text=True, env=env, timeout=120)
     first = proc.stdout.splitlines()[0] if proc.stdout else proc.stderr
     assert '"serverInfo"' in first and "cao-mcp-server" in first, first
-    assert list((tmp_path / "cache" / "cao").glob("vendor-*/.complete"))
+    assert len(list((tmp_path / "cache" / "cao").glob("vendor-*/.complete"))) == 1
+
+
+def test_a_python_the_pyz_has_no_mcp_for_gets_one_line(cao_env, tmp_path):
+    import json
+    fake = tmp_path / "cao.pyz"
+    with zipfile.ZipFile(fake, "w") as z:
+        z.write(ROOT / "cao.py", "cao.py")
+        z.writestr("__main__.py", "import cao\ncao.cli_main()\n")
+        z.writestr("_vendor/manifest.json", json.dumps({"targets": {"cp39-sparc64": [0]}}))
+    env = dict(cao_env.env, XDG_CACHE_HOME=str(tmp_path / "cache"), CAO_TERMINAL_ID="abcdef12")
+    proc = subprocess.run(BARE + [str(fake), "mcp"], capture_output=True, text=True, env=env,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "carries mcp for cp39-sparc64, not for this Python" in proc.stderr
+    assert "pip install mcp" in proc.stderr
