@@ -1169,8 +1169,9 @@ class Client:
         params = {"after": after, "wait": None if wait is None else f"{wait:.2f}"}
         return self.call("GET", "/events", params, timeout=(wait or 0) + 30)
 
-    def wait_for_status(self, terminal_id, wanted, timeout, label=None):
-        """Follow /events until the terminal reaches one of `wanted`; returns the status."""
+    def wait_for_status(self, terminal_id, wanted, timeout, label=None, seen=None):
+        """Follow /events until the terminal reaches one of `wanted`; returns the status.
+        `seen`, a list, gets each status on the way (once per change)."""
         progress = Progress(label, shown=label is not None)
         deadline = time.monotonic() + timeout
         cursor = self.events()["next"]
@@ -1178,6 +1179,8 @@ class Client:
             while True:
                 status = self.terminal(terminal_id)["status"]
                 progress.update(status)
+                if seen is not None and (not seen or seen[-1] != status):
+                    seen.append(status)
                 if status in wanted:
                     return status
                 remaining = deadline - time.monotonic()
@@ -6043,21 +6046,57 @@ def ensure_server(client):
     raise ServerUnavailable(f"cao-server did not become healthy in 15 s; see {_server_log()}")
 
 
-def _print_answer(client, terminal_id):
-    try:
-        print(client.output(terminal_id, "last"))
-    except NotFound as e:
-        print(f"(no answer on screen: {e})", file=sys.stderr)
+# Exit codes of a command that waits for an agent's answer; docs/ci.md lists them.
+EXIT_AGENT_ERROR, EXIT_NEEDS_ANSWER, EXIT_TIMEOUT = 1, 3, 4
 
 
-def _send_and_wait(client, terminal_id, message, wait, timeout):
-    client.send_input(terminal_id, check_message(message))
+def _send_and_wait(client, terminal_id, message, wait, timeout, report=None):
+    """Send a message and, with `wait`, print the answer. Exit 0 with an answer, else
+    non-zero with one line on stderr: the agent erred, asks a question, or timed out.
+    With `report` (a dict) the answer and what was seen are printed as JSON instead."""
+    check_message(message)
+    started = time.monotonic()
+    client.send_input(terminal_id, message)
     if not wait:
         print(f"Sent to terminal {terminal_id}.")
         return 0
-    status = client.wait_for_status(terminal_id, DONE_STATUSES, timeout, f"terminal {terminal_id}")
-    _print_answer(client, terminal_id)
-    return 1 if status == "error" else 0
+    seen = []
+    try:
+        status = client.wait_for_status(terminal_id, DONE_STATUSES, timeout,
+                                        None if report is not None else f"terminal {terminal_id}",
+                                        seen=seen)
+    except WaitTimeout as e:
+        status, problem, code = "timeout", str(e), EXIT_TIMEOUT
+    else:
+        problem, code = _unanswered(client, terminal_id, status)
+    answer = None
+    if status in ("completed", "idle"):
+        try:
+            answer = client.output(terminal_id, "last")
+        except NotFound as e:
+            problem, code = f"the agent finished but no answer is on its screen: {e}", EXIT_AGENT_ERROR
+    if report is not None:
+        report.update(terminal_id=terminal_id, status=status, answer=answer, statuses=seen,
+                      error=problem, answer_seconds=round(time.monotonic() - started, 3))
+        print(json.dumps(report, indent=2))
+    elif answer is not None:
+        print(answer)
+    if problem:
+        print(f"cao: error: {problem}", file=sys.stderr)
+    return code
+
+
+def _unanswered(client, terminal_id, status):
+    """(one-line reason, exit code) when an agent stopped without an answer, else (None, 0)."""
+    if status == "error":
+        tail = _screen_tail(client.output(terminal_id, "full"), 2).replace("\n", " | ")
+        return (f"the agent in terminal {terminal_id} failed (status error); its screen ends: "
+                f"{tail or '(empty)'}"), EXIT_AGENT_ERROR
+    if status == "waiting_user_answer":
+        question = _screen_tail(client.output(terminal_id, "full"), 1)
+        return (f"the agent in terminal {terminal_id} waits for an answer ({question}); answer it "
+                f"with POST /terminals/{terminal_id}/answer or `tmux attach`"), EXIT_NEEDS_ANSWER
+    return None, 0
 
 
 def _conductor(client, session, terminal_id=None):
@@ -6125,19 +6164,27 @@ def cmd_server(args):
          option("--allowed-tools", help="comma-separated tool allowlist"),
          option("--env", action="append", metavar="KEY=VALUE",
                 help="a variable for this session's agents (repeatable)"),
+         option("--json", action="store_true",
+                help="with --headless MESSAGE: print the answer, terminal id, statuses seen "
+                     "and durations as JSON (other output goes to stderr)"),
          TIMEOUT)
 def cmd_launch(args):
     if args.async_ and not args.message:
         raise CaoError("--async needs a MESSAGE to send; add one or drop --async")
+    if args.json and not (args.headless and args.message and not args.async_):
+        raise CaoError("--json reports an answer: use it with --headless and a MESSAGE, "
+                       "without --async")
     _check_profile_name(args.agents)
     client = Client()
     ensure_server(client)
     if args.message:
         check_message(args.message)
-    if not _launch_approved(client, args):
-        print("Not launched.")
+    out = sys.stderr if args.json else sys.stdout
+    if not _launch_approved(client, args, out):
+        print("Not launched.", file=out)
         return 1
     env_vars = check_env_vars(args.env, "--env") or None
+    started = time.monotonic()
     term = client.create_session(
         agent_profile=args.agents, provider=args.provider, session_name=args.session_name,
         env_vars=env_vars,
@@ -6145,11 +6192,16 @@ def cmd_launch(args):
         working_directory=resolve_working_directory(args.working_directory))
     session = term["session_name"]
     print(f"Session created: {session}\nTerminal created: {term['id']} "
-          f"({term['agent_profile']}, {term['provider']}, status {term['status']})")
+          f"({term['agent_profile']}, {term['provider']}, status {term['status']})", file=out)
     if args.message:
-        client.wait_for_status(term["id"], READY_STATUSES, 120, f"starting {term['agent_profile']}")
+        client.wait_for_status(term["id"], READY_STATUSES, 120,
+                               None if args.json else f"starting {term['agent_profile']}")
         if args.headless:
-            return _send_and_wait(client, term["id"], args.message, not args.async_, args.timeout)
+            report = {"session_name": session, "agent_profile": term["agent_profile"],
+                      "provider": term["provider"],
+                      "start_seconds": round(time.monotonic() - started, 3)} if args.json else None
+            return _send_and_wait(client, term["id"], args.message, not args.async_, args.timeout,
+                                  report)
         client.send_input(term["id"], args.message)
     if args.headless:
         return 0
@@ -6160,7 +6212,7 @@ def cmd_launch(args):
     os.execvp("tmux", tmux_argv("attach-session", "-t", f"={session}"))
 
 
-def _launch_approved(client, args):
+def _launch_approved(client, args, out):
     """Say which tools the agent gets and how they are enforced; on a terminal, ask
     before launching unless --yolo or --auto-approve."""
     profile = client.profile(args.agents)
@@ -6173,7 +6225,7 @@ def _launch_approved(client, args):
     role = profile.get("role") or ("(its allowedTools)" if profile.get("allowedTools") is not None
                                    else f"{DEFAULT_ROLE} (default)")
     print(f"Agent {profile['name']} ({provider}): role {role}; tools {', '.join(tools)}; "
-          f"enforcement {enforcement}: {how}")
+          f"enforcement {enforcement}: {how}", file=out)
     if args.yolo or args.auto_approve or not (sys.stdin.isatty() and sys.stdout.isatty()):
         return True
     return input("Launch it? [Y/n] ").strip().lower() in ("", "y", "yes")

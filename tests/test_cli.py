@@ -139,3 +139,30 @@ def test_info_and_version(server):
     assert "running" in info.stdout and str(server.home) in info.stdout
     assert server.run("--version").stdout.strip().startswith("cao ")
     assert CAO  # the CLI under test is this checkout's cao.py
+
+
+def test_headless_launch_reports_for_ci_as_json_and_by_exit_code(server):
+    ok = server.run("launch", "--agents", "developer", "--provider", "demo", "--headless", "--json",
+                    "--session-name", "ci1", "summarise the repo")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)  # nothing else on stdout
+    assert report["answer"] == "done: summarise the repo" and report["status"] == "completed"
+    assert report["session_name"] == "cao-ci1" and len(report["terminal_id"]) == 8
+    assert report["statuses"][-1] == "completed" and "processing" in report["statuses"]
+    assert report["start_seconds"] > 0 and report["answer_seconds"] > 0 and report["error"] is None
+    assert "Session created: cao-ci1" in ok.stderr
+
+    asks = server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+                      "--session-name", "ci2", "/ask Overwrite the lockfile?")
+    assert asks.returncode == 3, asks
+    assert asks.stderr.strip().splitlines()[-1].startswith("cao: error: the agent in terminal ")
+    assert "waits for an answer (? Overwrite the lockfile? [y/n])" in asks.stderr
+
+    slow = server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+                      "--json", "--timeout", "0.1", "--session-name", "ci3", "think long")
+    assert slow.returncode == 4, slow
+    assert json.loads(slow.stdout)["status"] == "timeout"
+    assert "timed out after 0.1 s" in slow.stderr.strip().splitlines()[-1]
+
+    bad = server.run("launch", "--agents", "developer", "--provider", "demo", "--json")
+    assert bad.returncode == 1 and "--json reports an answer" in bad.stderr
