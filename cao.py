@@ -1582,6 +1582,14 @@ def _is(kind, what):
     return lambda value: None if isinstance(value, kind) else f"must be {what}"
 
 
+def _credentials(value):
+    if not isinstance(value, dict) or set(value) - {"env", "files", "fix"} or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v)
+            for k, v in value.items() if k != "fix") or not isinstance(value.get("fix", ""), str):
+        return 'must be {"env": [names], "files": ["~/path", ...], "fix": "text"}'
+    return None
+
+
 def _number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         return f"must be a number >= 0, not {value!r}"
@@ -1655,6 +1663,8 @@ PROVIDER_FIELDS = {
     "eager_input": (_is(bool, "true or false"), "the CLI queues input typed while it works"),
     "skills_dir": (_is(str, "a path template"), "the CLI's own skill folder for this terminal"),
     "paste_marker": (_problem_regex, "regex of what the input box shows for pasted text"),
+    "credentials": (_credentials, '{"env": [names], "files": ["~/path"], "fix": "how to get '
+                                  'some"}: where the CLI finds a login, for `cao doctor`'),
 }
 
 
@@ -6142,6 +6152,110 @@ def _stop_autostarted_server():
 
 # -- the commands ----------------------------------------------------------------
 
+@command("doctor", "check this machine: python, tmux, the server, mcp and each agent CLI",
+         JSON_OUT)
+def cmd_doctor(args):
+    checks = _machine_checks() + _provider_checks()
+    if args.json:
+        print(json.dumps(checks, indent=2))
+    else:
+        marks = {"ok": "ok", "problem": "!!", "note": "--"}
+        for check in checks:
+            fix = f"; {check['fix']}" if check.get("fix") else ""
+            print(f"[{marks[check['state']]}] {check['name']:14} {check['detail']}{fix}")
+        problems = sum(c["state"] == "problem" for c in checks)
+        print(f"{problems} problem{'s' * (problems != 1)}" if problems else "cao can run here")
+    return 1 if any(c["state"] == "problem" and c.get("blocks") for c in checks) else 0
+
+
+def _check(name, state, detail, fix=None, blocks=False, **more):
+    return {"name": name, "state": state, "detail": detail, "fix": fix, "blocks": blocks, **more}
+
+
+def _machine_checks():
+    import importlib.util
+    import platform
+    checks = [_check("python", "ok" if sys.version_info >= (3, 10) else "problem",
+                     f"{platform.python_version()} ({sys.executable})",
+                     None if sys.version_info >= (3, 10) else "install CPython 3.10 or newer",
+                     blocks=True)]
+    tmux_path = shutil.which("tmux")
+    version = _command_version([tmux_path, "-V"]) if tmux_path else None
+    numbers = re.search(r"(\d+)\.(\d+)", version or "")
+    if not tmux_path:
+        checks.append(_check("tmux", "problem", "not found on PATH",
+                             "install tmux 3.2 or newer (apt install tmux)", blocks=True))
+    elif not numbers or (int(numbers[1]), int(numbers[2])) < (3, 2):
+        checks.append(_check("tmux", "problem", f"{version or 'unknown version'} ({tmux_path})",
+                             "cao needs tmux 3.2 or newer", blocks=True))
+    else:
+        checks.append(_check("tmux", "ok", f"{version} ({tmux_path})"))
+    client = Client()
+    try:
+        health = client.health(timeout=3)
+        checks.append(_check("server", "ok", f"running at http://{client.host}:{client.port} (pid {health.get('pid')}, "
+                                             f"version {health.get('version')})"))
+    except CaoError:
+        checks.append(_check("server", "note", f"not running at http://{client.host}:{client.port}",
+                             "`cao-server` starts it; `cao launch` starts one by itself"))
+    archive = _zip_archive()
+    for module, purpose in (("mcp", "agents delegating work (cao mcp)"), ("croniter", "flows")):
+        found = importlib.util.find_spec(module) is not None
+        where = "installed"
+        if not found and archive:
+            try:
+                found, where = bool(_vendored_site_packages(archive)), "carried in this cao.pyz"
+            except CaoError:
+                found = False
+        checks.append(_check(module, "ok" if found else "problem",
+                             f"{where}, for {purpose}" if found else f"missing: needed for {purpose}",
+                             None if found else f"pip install {module}, or use a cao.pyz built "
+                                                "with --with-mcp", blocks=module == "mcp"))
+    return checks
+
+
+def _command_version(argv):
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=15,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0].strip()[:80] if lines else None
+
+
+def _provider_checks():
+    """Per provider: its CLI on PATH with its version, and whether a login is visible
+    (the names of variables that are set, never their values)."""
+    from concurrent.futures import ThreadPoolExecutor
+    table = sorted((name, spec) for name, spec in providers().items() if provider_binary(spec))
+    paths = {name: shutil.which(provider_binary(spec)) for name, spec in table}
+    with ThreadPoolExecutor(8) as pool:  # some CLIs take a second to print a version
+        versions = dict(zip(paths, pool.map(
+            lambda name: _command_version([paths[name], "--version"]) if paths[name] else None,
+            paths)))
+    checks = []
+    for name, spec in table:
+        if not paths[name]:
+            checks.append(_check(name, "note", f"{provider_binary(spec)} not installed",
+                                 spec.get("install") and f"install: {spec['install']}"))
+            continue
+        detail = f"{versions[name] or 'version unknown'} ({paths[name]})"
+        creds = spec.get("credentials")
+        if not creds:
+            checks.append(_check(name, "ok", detail + "; log in as its docs say"))
+            continue
+        seen = [v for v in creds.get("env", []) if os.environ.get(v)] + \
+               [f for f in creds.get("files", []) if Path(f).expanduser().exists()]
+        if seen:
+            checks.append(_check(name, "ok", f"{detail}; credentials: {', '.join(seen)}"))
+        else:
+            looked = ", ".join(creds.get("env", []) + creds.get("files", []))
+            checks.append(_check(name, "problem", f"{detail}; no credentials seen ({looked})",
+                                 creds.get("fix")))
+    return checks
+
+
 @command("server", "run the cao server (same as cao-server)",
          option("--host", default=None, help="loopback address (default 127.0.0.1)"),
          option("--port", type=_port, default=None, help="port (default 9889)"))
@@ -6764,6 +6878,7 @@ PROVIDERS = {
         "exit": {"keys": ["C-d"]},
     },
     "claude_code": {
+        "credentials": {"env": ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"], "files": ["~/.claude/.credentials.json"], "fix": "export ANTHROPIC_API_KEY, or run `claude` once and log in"},
         # Input typed mid-turn is queued (while it writes) or added to the turn's next
         # request (while a tool runs); either way answered once (docs/providers/claude_code.md).
         "eager_input": True,
@@ -6823,6 +6938,7 @@ PROVIDERS = {
         "exit": {"text": "/exit"},
     },
     "codex": {
+        "credentials": {"env": ["OPENAI_API_KEY"], "files": ["~/.codex/auth.json"], "fix": "run `codex login`, or export OPENAI_API_KEY"},
         "input_lines": 3,
         "description": "Codex CLI (OpenAI)",
         # --no-daemon: otherwise Codex leaves an app-server daemon running after it exits.
@@ -6857,6 +6973,7 @@ PROVIDERS = {
         "exit": {"keys": ["C-c"]},
     },
     "gemini_cli": {
+        "credentials": {"env": ["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS"], "files": ["~/.gemini/oauth_creds.json"], "fix": "export GEMINI_API_KEY, or run `gemini` once and log in"},
         # Not eager: input sent while it shows "Thinking..." came back into its input box
         # unsent after the turn (docs/providers/gemini_cli.md).
         "eager_input": False,
@@ -6903,6 +7020,8 @@ PROVIDERS["qwen_code"] = {
     "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
     "command": ["qwen"],
     "install": "npm install -g @qwen-code/qwen-code",
+    "credentials": {"env": ["OPENAI_API_KEY", "DASHSCOPE_API_KEY"], "files": ["~/.qwen/oauth_creds.json"],
+                    "fix": "export OPENAI_API_KEY (and OPENAI_BASE_URL), or run `qwen` once and log in"},
     "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
              "system_prompt": ["--append-system-prompt", "{system_prompt}"],
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
@@ -6926,6 +7045,7 @@ _OPENCODE_DONE = r"^\s*▣ .*· \d+(\.\d+)?m?s(\s{8,}\S.*)?\s*$"
 
 PROVIDERS.update({
     "opencode_cli": {
+        "credentials": {"env": ["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "OPENROUTER_API_KEY"], "files": ["~/.local/share/opencode/auth.json"], "fix": "run `opencode auth login`, or export your model provider's API key"},
         "input_lines": 5,
         "description": "opencode (sst)",
         "command": ["opencode"],
@@ -6957,6 +7077,7 @@ PROVIDERS.update({
         "exit": {"keys": ["C-c"]},
     },
     "copilot_cli": {
+        "credentials": {"env": ["COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN", "COPILOT_PROVIDER_API_KEY"], "files": [], "fix": "export GH_TOKEN (a token with Copilot access), or run `copilot` and /login"},
         "input_lines": 3,
         "description": "GitHub Copilot CLI",
         "command": ["copilot", "--no-auto-update"],
@@ -7063,6 +7184,7 @@ PROVIDERS.update({
         "exit": {"text": "/quit"},
     },
     "cursor_cli": {
+        "credentials": {"env": ["CURSOR_API_KEY"], "files": [], "fix": "export CURSOR_API_KEY, or run `cursor-agent login`"},
         "description": "Cursor CLI (cursor-agent) - experimental",
         "command": ["cursor-agent"],
         "install": "curl https://cursor.com/install -fsS | bash",

@@ -166,3 +166,40 @@ def test_headless_launch_reports_for_ci_as_json_and_by_exit_code(server):
 
     bad = server.run("launch", "--agents", "developer", "--provider", "demo", "--json")
     assert bad.returncode == 1 and "--json reports an answer" in bad.stderr
+
+
+def test_doctor_names_each_problem_with_its_fix(cao_env, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, version in (("claude", "2.1.0 (Claude Code)"), ("codex", "codex-cli 0.1.0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho '{version}'\n")
+        (bin_dir / name).chmod(0o755)
+    os.symlink(shutil.which("tmux"), bin_dir / "tmux")
+    env = dict(cao_env.env, PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path),
+               ANTHROPIC_API_KEY="sk-test-not-shown")
+    for var in ("OPENAI_API_KEY",):
+        env.pop(var, None)
+    def run(*args, path=None):
+        return subprocess.run([*CAO, "doctor", *args], capture_output=True, text=True, timeout=60,
+                              env=dict(env, PATH=path or env["PATH"]))
+    report = run("--json")
+    assert report.returncode == 0, report.stderr
+    checks = {c["name"]: c for c in json.loads(report.stdout)}
+    assert checks["tmux"]["state"] == "ok" and checks["python"]["state"] == "ok"
+    assert checks["server"]["state"] == "note" and "cao-server" in checks["server"]["fix"]
+    claude = checks["claude_code"]
+    assert claude["state"] == "ok" and "2.1.0 (Claude Code)" in claude["detail"]
+    assert "credentials: ANTHROPIC_API_KEY" in claude["detail"]
+    assert "sk-test-not-shown" not in report.stdout  # names, never values
+    codex = checks["codex"]
+    assert codex["state"] == "problem" and "codex login" in codex["fix"]
+    assert checks["gemini_cli"]["state"] == "note" and "npm install" in checks["gemini_cli"]["fix"]
+
+    no_tmux = tmp_path / "empty"
+    no_tmux.mkdir()
+    text = run(path=str(no_tmux))
+    assert text.returncode == 1
+    assert "[!!] tmux           not found on PATH; install tmux 3.2 or newer" in text.stdout
