@@ -159,6 +159,17 @@ def _iso(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
 
+def command_version(argv):
+    """The first line a program prints for --version (or -V), or None."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=15,
+                             stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0].strip()[:80] if lines else None
+
+
 def _flag(name, default):
     value = os.environ.get(name, "").strip().lower() or default
     return value not in ("0", "false", "no", "off")
@@ -1582,6 +1593,14 @@ def _is(kind, what):
     return lambda value: None if isinstance(value, kind) else f"must be {what}"
 
 
+def _first_run(value):
+    if not isinstance(value, dict) or set(value) != {"file", "done", "json"} or \
+            not str(value["file"]).startswith("~/") or not isinstance(value["json"], dict) or \
+            value["done"] not in value["json"]:
+        return 'must be {"file": "~/path", "done": "<a key of json>", "json": {...}}'
+    return None
+
+
 def _credentials(value):
     if not isinstance(value, dict) or set(value) - {"env", "files", "fix"} or not all(
             isinstance(v, list) and all(isinstance(x, str) for x in v)
@@ -1663,6 +1682,9 @@ PROVIDER_FIELDS = {
     "eager_input": (_is(bool, "true or false"), "the CLI queues input typed while it works"),
     "skills_dir": (_is(str, "a path template"), "the CLI's own skill folder for this terminal"),
     "paste_marker": (_problem_regex, "regex of what the input box shows for pasted text"),
+    "first_run": (_first_run, '{"file": "~/path", "done": key, "json": {...}}: what the CLI '
+                              'writes when a person finishes first-run screens that cannot pass '
+                              'headless; cao writes it into a HOME that has no such file'),
     "credentials": (_credentials, '{"env": [names], "files": ["~/path"], "fix": "how to get '
                                   'some"}: where the CLI finds a login, for `cao doctor`'),
 }
@@ -1718,6 +1740,44 @@ def provider_binary(spec):
 def provider_installed(spec):
     binary = provider_binary(spec)
     return binary is None or shutil.which(binary) is not None
+
+
+def prepare_first_run(name, spec):
+    """Tell a CLI its first run is done the way it tells itself, where its first-run
+    screens cannot pass headless (Claude Code's check of api.anthropic.com): the keys it
+    writes when a person finishes them, into a file that does not exist yet. An
+    existing file is never rewritten; one without the `done` key is an error."""
+    first = spec.get("first_run")
+    if not first:
+        return
+    path = Path(first["file"]).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        data = None
+    except (OSError, ValueError):
+        data = {}
+    if data is not None:
+        if not isinstance(data, dict) or not data.get(first["done"]):
+            raise CaoError(f"{name} has not finished its first run in this HOME: {first['file']} "
+                           f"has no {first['done']}; run `{provider_binary(spec)}` once and finish "
+                           f"its screens, or remove {first['file']} so that cao writes it")
+        return
+    version = re.search(r"\d+(?:\.\d+)+", command_version(
+        [shutil.which(provider_binary(spec)) or provider_binary(spec), "--version"]) or "")
+    values = {key: (version[0] if version else None) if value == "{cli_version}" else value
+              for key, value in first["json"].items()}
+    values = {key: value for key, value in values.items() if value is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # O_EXCL: a file the CLI made meanwhile is the CLI's, not ours to replace
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(values, f, indent=2)
+    print(f"cao: {name}: this HOME had no {first['file']}; wrote {json.dumps(values)} into it, as "
+          f"{provider_binary(spec)} does when a person finishes its first-run screens",
+          file=sys.stderr, flush=True)
 
 
 def check_tool_names(tools, where):
@@ -2813,6 +2873,7 @@ class Terminals:
         if not provider_installed(spec):
             raise CaoError(f"provider {provider} needs `{provider_binary(spec)}` on PATH; "
                            f"install it: {spec.get('install', 'see docs/providers')}")
+        prepare_first_run(provider, spec)
         session_name = session_name_for(session_name)
         session = self.store.one("SELECT * FROM sessions WHERE name = ?", (session_name,))
         if not new_session and not session:
@@ -6180,7 +6241,7 @@ def _machine_checks():
                      None if sys.version_info >= (3, 10) else "install CPython 3.10 or newer",
                      blocks=True)]
     tmux_path = shutil.which("tmux")
-    version = _command_version([tmux_path, "-V"]) if tmux_path else None
+    version = command_version([tmux_path, "-V"]) if tmux_path else None
     numbers = re.search(r"(\d+)\.(\d+)", version or "")
     if not tmux_path:
         checks.append(_check("tmux", "problem", "not found on PATH",
@@ -6214,16 +6275,6 @@ def _machine_checks():
     return checks
 
 
-def _command_version(argv):
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=15,
-                             stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0].strip()[:80] if lines else None
-
-
 def _provider_checks():
     """Per provider: its CLI on PATH with its version, and whether a login is visible
     (the names of variables that are set, never their values)."""
@@ -6232,7 +6283,7 @@ def _provider_checks():
     paths = {name: shutil.which(provider_binary(spec)) for name, spec in table}
     with ThreadPoolExecutor(8) as pool:  # some CLIs take a second to print a version
         versions = dict(zip(paths, pool.map(
-            lambda name: _command_version([paths[name], "--version"]) if paths[name] else None,
+            lambda name: command_version([paths[name], "--version"]) if paths[name] else None,
             paths)))
     checks = []
     for name, spec in table:
@@ -6878,6 +6929,10 @@ PROVIDERS = {
         "exit": {"keys": ["C-d"]},
     },
     "claude_code": {
+        # Its onboarding checks api.anthropic.com, which a gateway or an offline runner
+        # cannot pass; these are the two keys it writes at the end of onboarding.
+        "first_run": {"file": "~/.claude.json", "done": "hasCompletedOnboarding",
+                      "json": {"hasCompletedOnboarding": True, "lastOnboardingVersion": "{cli_version}"}},
         "credentials": {"env": ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"], "files": ["~/.claude/.credentials.json"], "fix": "export ANTHROPIC_API_KEY, or run `claude` once and log in"},
         # Input typed mid-turn is queued (while it writes) or added to the turn's next
         # request (while a tool runs); either way answered once (docs/providers/claude_code.md).

@@ -7,6 +7,7 @@ the mock); everything else - trust dialogs, the MCP server, hooks, the system pr
 is cao's job.
 """
 import json
+import re
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import pytest
 
 import cao
 
-from conftest import CaoEnv, call_tool, wait_for
+from conftest import CaoEnv, call_tool, kill_pid, wait_for
 from mock_llm import MockLLM
 from real_cli_setup import (APPROVAL, BINARIES, BIN_DIRS, CLIS, ask_before_commands, installed,
                             user_setup, write)
@@ -434,3 +435,40 @@ def test_real_claude_drives_cao_through_the_ops_mcp_server(real_env, mock):
     result = mock.wait_for(lambda r: r["kind"] == "main" and r["has_tool_result"]
                            and "cao-opsrun" in json.dumps(r["body"]) and "terminals" in json.dumps(r["body"]))
     assert session["terminals"][0]["id"] in json.dumps(result["body"])
+
+
+@_needs("claude_code")
+def test_real_claude_from_a_fresh_home_with_only_a_key_and_a_base_url(real_env, mock, tmp_path):
+    """A new CI runner: no ~/.claude.json, nobody ran claude; only the two variables a CI
+    secret gives. Claude's onboarding checks api.anthropic.com, which cannot pass here."""
+    env = real_env()  # no user_setup: the HOME is empty
+    assert not any(env.user_home.iterdir())
+    env.env.update(ANTHROPIC_API_KEY="sk-ant-mock-key-0123456789abcdefghij",
+                   ANTHROPIC_BASE_URL=mock.url)
+    kill_pid(env.servers.pop())
+    env.start_server()
+    env.profile("agent", "claude_code", "You are the e2e agent.")
+    mock.reply("fresh home", text="FRESH-HOME-ANSWER")
+    term = env.start("claude_code")["id"]
+    first_run = json.loads((env.user_home / ".claude.json").read_text())
+    assert first_run["hasCompletedOnboarding"] is True
+    assert re.fullmatch(r"\d+\.\d+\.\d+", first_run["lastOnboardingVersion"])
+    env.send(term, "hello from a fresh home")
+    env.wait_status(term, "completed")
+    assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == "FRESH-HOME-ANSWER"
+
+
+@_needs("claude_code")
+def test_real_claude_with_an_unfinished_first_run_fails_at_once_with_the_fix(real_env, mock):
+    env = real_env()
+    write(env.user_home / ".claude.json", json.dumps({"firstStartTime": "2026-12-01T00:00:00Z"}))
+    env.profile("agent", "claude_code", "You are the e2e agent.")
+    started = time.monotonic()
+    code, body = env.request("POST", "/sessions?agent_profile=agent&provider=claude_code"
+                                     "&session_name=unfinished", timeout=60)
+    assert code == 400 and time.monotonic() - started < 10
+    assert body["detail"] == ("claude_code has not finished its first run in this HOME: "
+                              "~/.claude.json has no hasCompletedOnboarding; run `claude` once and "
+                              "finish its screens, or remove ~/.claude.json so that cao writes it")
+    assert json.loads((env.user_home / ".claude.json").read_text()) == {
+        "firstStartTime": "2026-12-01T00:00:00Z"}  # the user's file is left as it was
