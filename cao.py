@@ -1601,6 +1601,14 @@ def _first_run(value):
     return None
 
 
+def _login(value):
+    if not isinstance(value, dict) or set(value) != {"file", "env", "argv"} or \
+            not str(value["file"]).startswith("~/") or not isinstance(value["env"], str) or \
+            not isinstance(value["argv"], list) or not all(isinstance(a, str) for a in value["argv"]):
+        return 'must be {"file": "~/path", "env": "NAME", "argv": ["login", ...]}'
+    return None
+
+
 def _credentials(value):
     if not isinstance(value, dict) or set(value) - {"env", "files", "fix"} or not all(
             isinstance(v, list) and all(isinstance(x, str) for x in v)
@@ -1685,6 +1693,8 @@ PROVIDER_FIELDS = {
     "first_run": (_first_run, '{"file": "~/path", "done": key, "json": {...}}: what the CLI '
                               'writes when a person finishes first-run screens that cannot pass '
                               'headless; cao writes it into a HOME that has no such file'),
+    "login": (_login, '{"file": "~/path", "env": NAME, "argv": [...]}: the CLI\'s own login '
+                      'command, run with $NAME on stdin when HOME has no such file'),
     "credentials": (_credentials, '{"env": [names], "files": ["~/path"], "fix": "how to get '
                                   'some"}: where the CLI finds a login, for `cao doctor`'),
 }
@@ -1743,6 +1753,33 @@ def provider_installed(spec):
 
 
 def prepare_first_run(name, spec):
+    _login_once(name, spec)
+    _first_run_file(name, spec)
+
+
+def _login_once(name, spec):
+    """A CLI that shows a sign-in screen until its own login command has run (Codex, even
+    with OPENAI_API_KEY set) gets that command, with the key on stdin, once per HOME."""
+    login = spec.get("login")
+    key = os.environ.get(login["env"]) if login else None
+    if not key or Path(login["file"]).expanduser().exists():
+        return
+    binary = shutil.which(provider_binary(spec)) or provider_binary(spec)
+    try:
+        done = subprocess.run([binary, *login["argv"]], input=key, text=True, capture_output=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CaoError(f"{name}: `{provider_binary(spec)} {' '.join(login['argv'])}` failed ({e}); "
+                       f"run it yourself with ${login['env']} on stdin")
+    if done.returncode:
+        why = _screen_tail(done.stderr or done.stdout, 1)
+        raise CaoError(f"{name}: `{provider_binary(spec)} {' '.join(login['argv'])}` exited with "
+                       f"{done.returncode} ({why}); check ${login['env']}")
+    print(f"cao: {name}: this HOME had no {login['file']}; ran `{provider_binary(spec)} "
+          f"{' '.join(login['argv'])}` with ${login['env']} on stdin", file=sys.stderr, flush=True)
+
+
+def _first_run_file(name, spec):
     """Tell a CLI its first run is done the way it tells itself, where its first-run
     screens cannot pass headless (Claude Code's check of api.anthropic.com): the keys it
     writes when a person finishes them, into a file that does not exist yet. An
@@ -6993,6 +7030,9 @@ PROVIDERS = {
         "exit": {"text": "/exit"},
     },
     "codex": {
+        # It shows its sign-in screen, even with OPENAI_API_KEY set, until `codex login` ran.
+        "login": {"file": "~/.codex/auth.json", "env": "OPENAI_API_KEY",
+                  "argv": ["login", "--with-api-key"]},
         "credentials": {"env": ["OPENAI_API_KEY"], "files": ["~/.codex/auth.json"], "fix": "run `codex login`, or export OPENAI_API_KEY"},
         "input_lines": 3,
         "description": "Codex CLI (OpenAI)",

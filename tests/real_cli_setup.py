@@ -84,6 +84,39 @@ def user_setup(provider, home, mock_url, updates_off=True):
     raise AssertionError(provider)
 
 
+def ci_setup(provider, home, mock_url):
+    """The least a CI job gives each CLI, from its own docs for non-interactive use:
+    environment variables where the CLI reads them, a config file only where it has no
+    other way (hermes). No first-run flags, no theme: cao must get past those itself."""
+    v1 = mock_url + "/v1"
+    if provider == "claude_code":
+        return {"ANTHROPIC_API_KEY": "sk-ant-mock-key-0123456789abcdefghij",
+                "ANTHROPIC_BASE_URL": mock_url}
+    if provider == "codex":
+        return {"OPENAI_API_KEY": "mock-key", "OPENAI_BASE_URL": v1}
+    if provider == "gemini_cli":  # without the auth type it asks how to log in at the first turn
+        return {"GEMINI_API_KEY": "mock-key", "GOOGLE_GEMINI_BASE_URL": mock_url,
+                "GEMINI_DEFAULT_AUTH_TYPE": "gemini-api-key"}
+    if provider == "qwen_code":
+        return {"OPENAI_API_KEY": "mock-key", "OPENAI_BASE_URL": v1, "OPENAI_MODEL": "mock-model"}
+    if provider == "opencode_cli":
+        return {"OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+                "OPENCODE_CONFIG_CONTENT": json.dumps({"model": "mock/mock-model", "provider": {"mock": {
+            "npm": "@ai-sdk/openai-compatible", "name": "Mock",
+            "options": {"baseURL": v1, "apiKey": "mock-key"},
+            "models": {"mock-model": {"name": "Mock Model", "tool_call": True,
+                                      "limit": {"context": 128000, "output": 4096}}}}}})}
+    if provider == "copilot_cli":
+        return {"COPILOT_PROVIDER_BASE_URL": v1, "COPILOT_PROVIDER_TYPE": "openai",
+                "COPILOT_PROVIDER_API_KEY": "mock-key", "COPILOT_MODEL": "gpt-4o"}
+    if provider == "kimi_cli":
+        return {"KIMI_API_KEY": "mock-key", "KIMI_BASE_URL": v1, "KIMI_MODEL_NAME": "mock-model"}
+    if provider == "hermes":
+        user_setup(provider, home, mock_url)  # hermes reads its endpoint only from config.yaml
+        return {}
+    raise AssertionError(provider)
+
+
 # A native tool call that each CLI asks a person to approve (with no yolo flag).
 APPROVAL = {
     "opencode_cli": ("bash", {"command": "touch cao-approved-file", "description": "make a file"}),

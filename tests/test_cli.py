@@ -80,7 +80,7 @@ def test_session_send_refuses_a_busy_agent(cao_env):
 def test_send_timeout_is_reported(cao_env):
     server = _slow_agent_session(cao_env, "slow")
     result = server.run("session", "send", "cao-slow", "job", "--timeout", "0.5")
-    assert result.returncode == 1
+    assert result.returncode == 4  # EXIT_TIMEOUT: docs/cli.md, "Exit codes"
     assert "timed out after 0.5 s" in result.stderr
 
 

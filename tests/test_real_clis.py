@@ -22,7 +22,7 @@ import cao
 
 from conftest import CaoEnv, call_tool, kill_pid, wait_for
 from mock_llm import MockLLM
-from real_cli_setup import (APPROVAL, BINARIES, BIN_DIRS, CLIS, ask_before_commands, installed,
+from real_cli_setup import (APPROVAL, BINARIES, BIN_DIRS, CLIS, ask_before_commands, ci_setup, installed,
                             user_setup, write)
 
 pytestmark = pytest.mark.real_cli
@@ -472,3 +472,36 @@ def test_real_claude_with_an_unfinished_first_run_fails_at_once_with_the_fix(rea
                               "finish its screens, or remove ~/.claude.json so that cao writes it")
     assert json.loads((env.user_home / ".claude.json").read_text()) == {
         "firstStartTime": "2026-12-01T00:00:00Z"}  # the user's file is left as it was
+
+
+# Not yet from a fresh HOME (issue 14 stays open): Gemini CLI stops at a screen that
+# shows its terms-of-service notice, and opencode draws no prompt with its config in
+# OPENCODE_CONFIG_CONTENT alone. Claude Code has its own test above.
+FRESH_HOME_CLIS = ["codex", "qwen_code", "copilot_cli", "kimi_cli", "hermes"]
+
+
+@pytest.mark.parametrize("provider", FRESH_HOME_CLIS)
+def test_real_cli_from_a_fresh_home(real_env, mock, provider):
+    """HOME holds nothing but what ci_setup gives (what a CI secret would): cao gets the
+    CLI past its first-run screens to its prompt, and a turn is answered."""
+    if not installed(provider):
+        pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
+    env = real_env()
+    env.env.update(ci_setup(provider, env.user_home, mock.url))
+    kill_pid(env.servers.pop())
+    env.start_server()
+    env.profile("agent", provider, "You are the e2e agent.")
+    mock.reply("fresh machine", text=f"FRESH-{provider}")
+    term = env.start(provider)["id"]
+    if provider == "codex":
+        # Its sign-in screen is gone because cao ran `codex login --with-api-key`. Its
+        # built-in OpenAI provider then streams over a transport the mock does not serve,
+        # so a turn against the mock needs a model_provider in config.toml instead.
+        assert json.loads((env.user_home / ".codex" / "auth.json").read_text())["auth_mode"] == "apikey"
+        assert env.status(term) in ("idle", "completed")
+        assert "Sign in" not in env.screen(term)
+        return
+    env.send(term, "hello from a fresh machine")
+    env.wait_status(term, "completed")
+    assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == \
+        f"FRESH-{provider}", env.screen(term)[-2000:]
