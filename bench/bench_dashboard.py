@@ -54,10 +54,16 @@ def group_pids(pgid):
     return pids
 
 
+def _die_with_parent():
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no browser outlives the bench
+
+
 def start_chromium(profile_dir):
     proc = subprocess.Popen([CHROMIUM, *CHROMIUM_ARGS, f"--user-data-dir={profile_dir}", "about:blank"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+                            stderr=subprocess.PIPE, start_new_session=True, text=True,
+                            preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 30
     for line in proc.stderr:  # chromium says where its DevTools endpoint listens
         match = re.search(r"DevTools listening on (ws://\S+)", line)
@@ -221,6 +227,9 @@ def run_upstream(args, window, browser_page):
 
 
 def main():
+    # A SIGTERM (`timeout`, Ctrl-C in a wrapper) unwinds the with-blocks, so the sandbox's
+    # server, tmux and chromium are stopped rather than left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--terminals", type=int, default=20)
