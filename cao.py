@@ -2793,10 +2793,8 @@ class Terminals:
 
     def waiting(self):
         """Terminals whose agent waits on a question, each with the question's lines."""
-        rows = [r for r in self.store.query("SELECT * FROM terminals ORDER BY created_at, rowid")
-                if self.tracker.status(r["id"]) == "waiting_user_answer"]
-        return [{**self.to_json(r), "question": _screen_tail(self.tracker.screen(r["id"]), 12)}
-                for r in rows]
+        return [{**term, "question": _screen_tail(self.tracker.screen(term["id"]), 12)}
+                for term in self.all() if term["status"] == "waiting_user_answer"]
 
     def in_session(self, name):
         return [self.to_json(r) for r in self.store.query(
