@@ -1000,6 +1000,9 @@ def install_profile(source):
 # method per route they use, so no caller builds a path or picks a verb.
 
 DONE_STATUSES = ("completed", "idle", "waiting_user_answer", "error")
+# An agent that looks done with no answer on screen may yet draw its turn: a CLI on a
+# loaded machine can take a message seconds before it shows it. Seconds to wait for that.
+ANSWERLESS_WAIT = 20.0
 
 
 class Progress:
@@ -1180,11 +1183,12 @@ class Client:
         params = {"after": after, "wait": None if wait is None else f"{wait:.2f}"}
         return self.call("GET", "/events", params, timeout=(wait or 0) + 30)
 
-    def wait_for_status(self, terminal_id, wanted, timeout, label=None, seen=None):
+    def wait_for_status(self, terminal_id, wanted, timeout, label=None, seen=None, deadline=None):
         """Follow /events until the terminal reaches one of `wanted`; returns the status.
-        `seen`, a list, gets each status on the way (once per change)."""
+        `seen`, a list, gets each status on the way (once per change). `deadline` ends a
+        wait that began earlier with `timeout`."""
         progress = Progress(label, shown=label is not None)
-        deadline = time.monotonic() + timeout
+        deadline = deadline or time.monotonic() + timeout
         cursor = self.events()["next"]
         try:
             while True:
@@ -1202,6 +1206,29 @@ class Client:
                 cursor = self.events(cursor, min(remaining, 2.0 if progress.tty else 20.0))["next"]
         finally:
             progress.done()
+
+    def wait_for_answer(self, terminal_id, timeout, label=None, seen=None):
+        """Wait until the terminal is done: (status, its answer or None). An idle or
+        completed screen with no answer yet is given ANSWERLESS_WAIT s to start a turn."""
+        deadline = time.monotonic() + timeout
+        answerless_until = None
+        while True:
+            status = self.wait_for_status(terminal_id, DONE_STATUSES, timeout, label, seen,
+                                          deadline)
+            if status not in ("completed", "idle"):
+                return status, None
+            try:
+                return status, self.output(terminal_id, "last")
+            except NotFound:
+                pass
+            answerless_until = answerless_until or min(deadline,
+                                                       time.monotonic() + ANSWERLESS_WAIT)
+            try:
+                self.wait_for_status(terminal_id, ("processing", "waiting_user_answer", "error"),
+                                     max(0.0, answerless_until - time.monotonic()), None, seen)
+            except WaitTimeout:
+                return status, None
+            answerless_until = None  # a turn started after all
 
 
 ###############################################################################
@@ -3358,9 +3385,9 @@ class Handoffs:
         except CaoError as e:
             self._finish(job_id, "error", error=str(e))
             raise
-        status = self._wait(wid, ("completed", "idle", "waiting_user_answer", "error"), timeout)
+        status, answer = self._wait_answer(wid, ("waiting_user_answer",), timeout)
         if status in ("completed", "idle"):
-            return self._answer(job_id, wid, teardown)
+            return self._answer(job_id, wid, teardown, answer)
         self._follow(job_id, wid, teardown=False)  # kept for inspection; its answer still counts
         if status == "error" or status is None:
             raise StepFailed(502, "error", f"worker {wid} exited before answering",
@@ -3377,9 +3404,36 @@ class Handoffs:
         self.store.wait_until(lambda: self.tracker.status(terminal_id) in wanted + (None,), timeout)
         return self.tracker.status(terminal_id)
 
-    def _answer(self, job_id, terminal_id, teardown):
+    def _wait_answer(self, terminal_id, also, timeout):
+        """Wait until the worker is done with an answer on screen: (status, answer), the
+        answer None if it stopped elsewhere (error, gone, one of `also`, time out). Idle or
+        completed with no answer is not done yet: a CLI on a loaded machine can take the
+        message seconds before it draws the turn (the tracker's grace is over by then).
+        It counts as answerless after ANSWERLESS_WAIT s of that with the pane unchanged."""
+        deadline = time.monotonic() + timeout
+        answerless_since, printed = None, None
+        while True:
+            status = self._wait(terminal_id, ("completed", "idle", "error") + also,
+                                max(0.0, deadline - time.monotonic()))
+            if status not in ("completed", "idle"):
+                return status, None
+            try:
+                return status, self.terminals.output(terminal_id, "last")
+            except CaoError:
+                pass
+            count = self.tracker.watcher.output_count(terminal_id)
+            if printed != count:
+                answerless_since, printed = time.monotonic(), count
+            now = time.monotonic()
+            if now - answerless_since >= ANSWERLESS_WAIT or now >= deadline:
+                return status, None
+            self.store.wait_until(lambda: self.tracker.status(terminal_id) != status,
+                                  min(1.0, deadline - now))
+
+    def _answer(self, job_id, terminal_id, teardown, answer=None):
         try:
-            answer = self.terminals.output(terminal_id, "last")
+            if answer is None:
+                answer = self.terminals.output(terminal_id, "last")
         except CaoError as e:
             self._finish(job_id, "error", error=str(e))
             raise StepFailed(502, "error", f"worker {terminal_id} finished but its answer could "
@@ -3397,10 +3451,10 @@ class Handoffs:
     def _follow(self, job_id, terminal_id, teardown):
         """Wait in the background for a worker the caller stopped waiting for."""
         def follow():
-            status = self._wait(terminal_id, ("completed", "idle", "error"), 7 * 24 * 3600)
+            status, answer = self._wait_answer(terminal_id, (), 7 * 24 * 3600)
             if status in ("completed", "idle"):
                 try:
-                    self._answer(job_id, terminal_id, teardown)
+                    self._answer(job_id, terminal_id, teardown, answer)
                 except StepFailed:
                     pass
             else:
@@ -6166,21 +6220,17 @@ def _send_and_wait(client, terminal_id, message, wait, timeout, report=None):
     if not wait:
         print(f"Sent to terminal {terminal_id}.")
         return 0
-    seen = []
+    seen, answer = [], None
     try:
-        status = client.wait_for_status(terminal_id, DONE_STATUSES, timeout,
-                                        None if report is not None else f"terminal {terminal_id}",
-                                        seen=seen)
+        status, answer = client.wait_for_answer(
+            terminal_id, timeout, None if report is not None else f"terminal {terminal_id}", seen)
     except WaitTimeout as e:
         status, problem, code = "timeout", str(e), EXIT_TIMEOUT
     else:
         problem, code = _unanswered(client, terminal_id, status)
-    answer = None
-    if status in ("completed", "idle"):
-        try:
-            answer = client.output(terminal_id, "last")
-        except NotFound as e:
-            problem, code = f"the agent finished but no answer is on its screen: {e}", EXIT_AGENT_ERROR
+    if status in ("completed", "idle") and answer is None:
+        problem, code = (f"the agent in terminal {terminal_id} finished but no answer is on its "
+                         "screen; look with `cao session status` or tmux attach"), EXIT_AGENT_ERROR
     if report is not None:
         report.update(terminal_id=terminal_id, status=status, answer=answer, statuses=seen,
                       error=problem, answer_seconds=round(time.monotonic() - started, 3))

@@ -5,7 +5,6 @@ Every check waits with a deadline (Playwright's expect polls); nothing sleeps.
 """
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest

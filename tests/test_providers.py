@@ -144,6 +144,28 @@ def test_completed_waits_for_an_answer_drawn_after_the_done_screen(cao_env, sett
     assert (code, body.get("output")) == ((200, expected) if expected else (404, None)), body
 
 
+@pytest.mark.parametrize("via", ["handoff", "headless launch"])
+def test_a_turn_drawn_after_the_grace_still_yields_its_answer(cao_env, via):
+    """Seen in CI with Codex: the worker took the message but drew its turn only after
+    the tracker's turn_start_grace, so it looked idle with no answer for a while."""
+    _settings(cao_env, {"late": {
+        "command": [sys.executable, str(ROOT / "tests/fixtures/late_answer_agent.py")],
+        "env": {"LATE_START": "3", "LATE_DRAW": "0.2"}, "turn_start_grace": 0.5, "settle": 0.5,
+        "status": [["processing", r"^working\.\.\."], ["completed", r"^answer:.*\n>\s*\Z"],
+                   ["idle", r"^>\s*\Z"]],
+        "answer": {"start": r"^answer: ?", "keep_start": True, "end": r"^>"},
+        "exit": {"keys": ["C-d"]}}}, default_provider="late")
+    cao_env.start_server()
+    if via == "handoff":
+        code, step = cao_env.request("POST", "/terminals/run-step", {
+            "agent": "developer", "provider": "late", "prompt": "go", "timeout": 60}, timeout=90)
+        assert code == 200 and step["last_message"] == "go first half, second half", step
+    else:
+        done = cao_env.run("launch", "--agents", "developer", "--headless", "--session-name", "l",
+                           "go", timeout=90)
+        assert done.returncode == 0 and done.stdout.endswith("\ngo first half, second half\n"), done
+
+
 def test_the_answer_is_none_while_the_newest_one_is_still_drawn():
     spec = {"answer": {"start": r"^A: ", "keep_start": True, "end": r"^>"}}
     screen = "> q1\nA: one\n> q2\nA: two, still dra"
