@@ -1483,7 +1483,7 @@ def tmux_screen(pane_id):
 
 def tmux_capture_state(pane_id):
     """(screen text, pane_dead) in one tmux call; None when the pane is gone."""
-    marker = "\x1f" + uuid.uuid4().hex
+    marker = f"cao-end-{uuid.uuid4().hex}:"  # printable: tmux 3.5 prints \x1f as \037
     result = _tmux_run(("capture-pane", "-p", "-J", "-t", pane_id, ";",
                         "display-message", "-p", "-t", pane_id, marker + "#{pane_dead}"))
     if result.returncode:

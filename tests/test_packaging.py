@@ -1,4 +1,7 @@
-"""cao.pyz runs on a bare CPython (no site-packages) and pip install gives the scripts."""
+"""cao.pyz runs on a bare CPython (no site-packages) and pip install gives the scripts;
+the dev container feature installs it on a bare Debian, where agents orchestrate."""
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -7,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kill_pid
+from conftest import ROOT, free_port, kill_pid
 
 BARE = [getattr(sys, "_base_executable", sys.executable), "-I", "-S"]
 
@@ -101,7 +104,6 @@ def _python(version):
 
 @pytest.mark.slow
 def test_one_pyz_carries_mcp_for_every_target_within_the_size_budget(pyz_with_mcp):
-    import json
     with zipfile.ZipFile(pyz_with_mcp) as z:
         targets = json.loads(z.read("_vendor/manifest.json"))["targets"]
         names = z.namelist()
@@ -132,7 +134,6 @@ def test_pyz_with_vendored_mcp_serves_mcp_on_each_bare_cpython(cao_env, tmp_path
 
 
 def test_a_python_the_pyz_has_no_mcp_for_gets_one_line(cao_env, tmp_path):
-    import json
     fake = tmp_path / "cao.pyz"
     with zipfile.ZipFile(fake, "w") as z:
         z.write(ROOT / "cao.py", "cao.py")
@@ -145,3 +146,70 @@ def test_a_python_the_pyz_has_no_mcp_for_gets_one_line(cao_env, tmp_path):
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "carries mcp for cp39-sparc64, not for this Python" in proc.stderr
     assert "pip install mcp" in proc.stderr
+
+
+# -- a bare Debian: the dev container feature and a demo orchestration ---------
+# The root is Debian's minbase with neither python3 nor tmux: the feature's install
+# script puts them in, as it would in a bare image. trixie brings Python 3.13, a
+# different one from the builder's. The root is made once and kept (about 40 s).
+
+DEBIAN_ROOT_CACHE = Path(os.environ.get("CAO_TEST_DEBIAN_ROOT",
+                                        "~/.cache/cao-test/debian-trixie-minbase")).expanduser()
+DEBIAN_MIRROR = os.environ.get("CAO_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def _needs_a_chroot():
+    missing = [tool for tool in ("debootstrap", "unshare", "chroot") if not shutil.which(tool)]
+    reason = ("the chroot test runs as root" if os.geteuid() != 0 else
+              f"{', '.join(missing)} not installed (apt install debootstrap)" if missing else None)
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"{reason}; .ci/run must give CI what this test needs")
+    if reason:
+        pytest.skip(reason)
+
+
+def _bare_debian_root():
+    if (DEBIAN_ROOT_CACHE / ".complete").exists():
+        return DEBIAN_ROOT_CACHE
+    partial = DEBIAN_ROOT_CACHE.with_name(DEBIAN_ROOT_CACHE.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["debootstrap", "--variant=minbase", "trixie", str(partial), DEBIAN_MIRROR],
+                          capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    (partial / ".complete").touch()
+    partial.rename(DEBIAN_ROOT_CACHE)
+    return DEBIAN_ROOT_CACHE
+
+
+@pytest.mark.slow
+def test_the_feature_installs_cao_on_a_bare_debian_and_a_demo_orchestration_runs(tmp_path, pyz_with_mcp):
+    _needs_a_chroot()
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(_bare_debian_root()), str(root)], check=True)
+    assert not (root / "usr/bin/python3").exists() and not (root / "usr/bin/tmux").exists()
+    feature = root / "tmp/cao-feature"
+    shutil.copytree(ROOT / ".devcontainer-feature/cao", feature)
+    shutil.copy(pyz_with_mcp, feature / "cao.pyz")
+    shutil.copy(ROOT / "tests/fixtures/chroot_orchestration.py", root / "tmp/orchestrate.py")
+    shutil.copy("/etc/resolv.conf", root / "etc/resolv.conf")  # apt-get inside reaches the mirror
+    inside = ("sh /tmp/cao-feature/install.sh && python3 --version && mkdir -p /work && cd /work"
+              " && python3 /tmp/orchestrate.py")
+    # Own mount and PID namespaces: the mounts vanish with them, and every process the
+    # run started (tmux, the server, agents) dies with its first process.
+    script = (f"mount --rbind /dev {root}/dev && mount -t proc proc {root}/proc && "
+              f"exec chroot {root} /usr/bin/env -i HOME=/root LANG=C.UTF-8 "
+              f"PATH=/usr/local/bin:/usr/bin:/bin CAO_API_PORT={free_port()} /bin/sh -c '{inside}'")
+    proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child",
+                             "/bin/sh", "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        kill_pid(proc.pid)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "installed cao " in out and "Python 3.13." in out, out
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["handoff"] == "done: done: add 2 and 5"
+    assert seen["assign"].startswith("done: assigned ") and seen["callback"] == "done: review finished"
+    assert seen["inbox"] == ["delivered"] and seen["shutdown"] == 0 and seen["tmux_after"] == ""
