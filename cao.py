@@ -90,6 +90,10 @@ class ProfileError(CaoError):
     pass
 
 
+class NeedsLogin(CaoError):
+    """An agent's CLI found no credentials and asks for a login."""
+
+
 class Forbidden(CaoError):
     status = 403
 
@@ -1724,6 +1728,8 @@ PROVIDER_FIELDS = {
                       'command, run with $NAME on stdin when HOME has no such file'),
     "credentials": (_credentials, '{"env": [names], "files": ["~/path"], "fix": "how to get '
                                   'some"}: where the CLI finds a login, for `cao doctor`'),
+    "login_screen": (_problem_regex, "regex of a screen that asks for a login: the terminal "
+                                     "is an error, and its start fails with credentials.fix"),
 }
 
 
@@ -1992,7 +1998,32 @@ def _input_tail(message):
     return message.strip().split("\n")[-1].strip()[-24:]
 
 
+def login_asked(spec, screen):
+    """The line where the CLI asks for a login (it found no credentials), or None."""
+    pattern = spec.get("login_screen")
+    tail = _screen_tail(screen, spec.get("tail_lines", 15))
+    found = pattern and re.search(pattern, tail, re.M)
+    if not found:
+        return None
+    line = tail[tail.rfind("\n", 0, found.start()) + 1:].split("\n")[0]
+    return " ".join(line.split()).strip("│⎿✗ ") or found.group(0)
+
+
+def login_problem(provider, screen):
+    """One line saying that an agent's CLI asks for a login, and the fix; or None."""
+    spec = providers().get(provider, {})
+    asked = login_asked(spec, screen)
+    if not asked:
+        return None
+    fix = spec.get("credentials", {}).get("fix") or \
+        f"run `{provider_binary(spec)}` once by hand and log in"
+    return (f"{provider} has no credentials here (its screen says \"{asked}\"): {fix}; "
+            "`cao doctor` checks every provider")
+
+
 def detect_status(spec, screen):
+    if login_asked(spec, screen):
+        return "error"
     tail = _screen_tail(screen, spec.get("tail_lines", 15))
     for status, pattern in spec.get("status", []):
         if re.search(pattern, tail, re.M):
@@ -2578,11 +2609,19 @@ class StatusTracker:
         state = tmux_capture_state(row["pane_id"]) if row and row["pane_id"] else None
         return state[0] if state else ""
 
+    def _raise_if_login_asked(self, terminal_id):
+        row = self.store.one("SELECT provider FROM terminals WHERE id = ?", (terminal_id,))
+        problem = row and login_problem(row["provider"], self.screen(terminal_id))
+        if problem:
+            raise NeedsLogin(problem)
+
     def wait_ready(self, terminal_id, timeout):
         """Wait until the agent shows a ready screen; an agent that dies is an error."""
         self.store.wait_until(lambda: self.status(terminal_id) in READY_STATUSES + ("error", None),
                               timeout)
         status = self.status(terminal_id)
+        if status == "error":
+            self._raise_if_login_asked(terminal_id)
         if status == "error" or status is None:
             tail = " | ".join(_screen_tail(self.screen(terminal_id), 3).split("\n"))
             raise CaoError(f"agent in terminal {terminal_id} exited while starting; its screen "
@@ -3002,7 +3041,11 @@ class Terminals:
             threading.Thread(target=self._deliver_initial, daemon=True,
                              args=(terminal_id, initial_message)).start()
         else:
-            self.tracker.wait_ready(terminal_id, self._init_timeout(profile))
+            try:
+                self.tracker.wait_ready(terminal_id, self._init_timeout(profile))
+            except NeedsLogin:
+                self.delete(terminal_id)  # a login screen left behind helps nobody
+                raise
         return self.get(terminal_id)
 
     def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env, model):
@@ -3390,7 +3433,8 @@ class Handoffs:
             return self._answer(job_id, wid, teardown, answer)
         self._follow(job_id, wid, teardown=False)  # kept for inspection; its answer still counts
         if status == "error" or status is None:
-            raise StepFailed(502, "error", f"worker {wid} exited before answering",
+            why = status and login_problem(worker["provider"], self.tracker.screen(wid))
+            raise StepFailed(502, "error", f"worker {wid} " + (why or "exited before answering"),
                              terminal_id=wid, job_id=job_id)
         if status == "waiting_user_answer":
             raise StepFailed(502, "error", f"worker {wid} is waiting for an answer to its own "
@@ -6245,7 +6289,11 @@ def _send_and_wait(client, terminal_id, message, wait, timeout, report=None):
 def _unanswered(client, terminal_id, status):
     """(one-line reason, exit code) when an agent stopped without an answer, else (None, 0)."""
     if status == "error":
-        tail = _screen_tail(client.output(terminal_id, "full"), 2).replace("\n", " | ")
+        screen = client.output(terminal_id, "full")
+        problem = login_problem(client.terminal(terminal_id)["provider"], screen)
+        if problem:
+            return problem, EXIT_AGENT_ERROR
+        tail = _screen_tail(screen, 2).replace("\n", " | ")
         return (f"the agent in terminal {terminal_id} failed (status error); its screen ends: "
                 f"{tail or '(empty)'}"), EXIT_AGENT_ERROR
     if status == "waiting_user_answer":
@@ -7018,6 +7066,7 @@ PROVIDERS = {
         # cannot pass; these are the two keys it writes at the end of onboarding.
         "first_run": {"file": "~/.claude.json", "done": "hasCompletedOnboarding",
                       "json": {"hasCompletedOnboarding": True, "lastOnboardingVersion": "{cli_version}"}},
+        "login_screen": r"Not logged in · (?:Please run|Run) /login",
         "credentials": {"env": ["ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"], "files": ["~/.claude/.credentials.json"], "fix": "export ANTHROPIC_API_KEY, or run `claude` once and log in"},
         # Input typed mid-turn is queued (while it writes) or added to the turn's next
         # request (while a tool runs); either way answered once (docs/providers/claude_code.md).
@@ -7081,6 +7130,7 @@ PROVIDERS = {
         # It shows its sign-in screen, even with OPENAI_API_KEY set, until `codex login` ran.
         "login": {"file": "~/.codex/auth.json", "env": "OPENAI_API_KEY",
                   "argv": ["login", "--with-api-key"]},
+        "login_screen": r"^\s*(?:> |› )?1\. Sign in with ChatGPT|Finish signing in via your browser",
         "credentials": {"env": ["OPENAI_API_KEY"], "files": ["~/.codex/auth.json"], "fix": "run `codex login`, or export OPENAI_API_KEY"},
         "input_lines": 3,
         "description": "Codex CLI (OpenAI)",
@@ -7116,6 +7166,8 @@ PROVIDERS = {
         "exit": {"keys": ["C-c"]},
     },
     "gemini_cli": {
+        "login_screen": r"How would you like to authenticate for this project\?"
+                          r"|Please visit the following URL to authorize|^Enter the authorization code:",
         "credentials": {"env": ["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_APPLICATION_CREDENTIALS"], "files": ["~/.gemini/oauth_creds.json"], "fix": "export GEMINI_API_KEY, or run `gemini` once and log in"},
         # Not eager: input sent while it shows "Thinking..." came back into its input box
         # unsent after the turn (docs/providers/gemini_cli.md).
@@ -7163,6 +7215,7 @@ PROVIDERS["qwen_code"] = {
     "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
     "command": ["qwen"],
     "install": "npm install -g @qwen-code/qwen-code",
+    "login_screen": r"Select Authentication Method|Alibaba ModelStudio · Access Method",
     "credentials": {"env": ["OPENAI_API_KEY", "DASHSCOPE_API_KEY"], "files": ["~/.qwen/oauth_creds.json"],
                     "fix": "export OPENAI_API_KEY (and OPENAI_BASE_URL), or run `qwen` once and log in"},
     "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
@@ -7220,6 +7273,7 @@ PROVIDERS.update({
         "exit": {"keys": ["C-c"]},
     },
     "copilot_cli": {
+        "login_screen": r"Please use /login to sign in to use Copilot|You must be logged in to send messages",
         "credentials": {"env": ["COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN", "COPILOT_PROVIDER_API_KEY"], "files": [], "fix": "export GH_TOKEN (a token with Copilot access), or run `copilot` and /login"},
         "input_lines": 3,
         "description": "GitHub Copilot CLI",
@@ -7258,6 +7312,7 @@ PROVIDERS.update({
         "exit": {"text": "/exit"},
     },
     "kimi_cli": {
+        "login_screen": r'(?:Model:|LLM) not set, send "?/login\b',
         "eager_input": True,  # input typed mid-turn waits for its own turn ("1 queued")
         "input_lines": 3,
         "description": "Kimi CLI (Moonshot; the Python kimi-cli 1.51)",
@@ -7290,6 +7345,7 @@ PROVIDERS.update({
         "exit": {"text": "/exit"},
     },
     "hermes": {
+        "login_screen": r"isn't configured yet -- no API keys or providers found|^Run setup now\? \[Y/n\]",
         "input_lines": 3,
         "description": "Hermes Agent (Nous Research)",
         "command": ["hermes"],

@@ -505,3 +505,31 @@ def test_real_cli_from_a_fresh_home(real_env, mock, provider):
     env.wait_status(term, "completed")
     assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == \
         f"FRESH-{provider}", env.screen(term)[-2000:]
+
+
+NO_LOGIN_CLIS = [name for name in BINARIES if cao.PROVIDERS[name].get("login_screen")]
+
+
+@pytest.mark.parametrize("provider", NO_LOGIN_CLIS)
+def test_real_cli_with_no_credentials_fails_at_once_naming_the_fix(real_env, provider):
+    """A fresh HOME and no key at all: the CLI shows its login screen (most at start,
+    Codex after it drew its prompt), and `cao launch --headless` says so in one line
+    within seconds instead of waiting out a timeout."""
+    if not installed(provider):
+        pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
+    env = real_env()
+    for name in cao.PROVIDERS[provider].get("credentials", {}).get("env", []):
+        env.env.pop(name, None)
+    kill_pid(env.servers.pop())
+    env.start_server()
+    env.profile("agent", provider, "You are the e2e agent.")
+    started = time.monotonic()
+    done = env.run("launch", "--agents", "agent", "--provider", provider, "--headless",
+                   "--session-name", "nologin", "hello", timeout=120)
+    took = time.monotonic() - started
+    fix = cao.PROVIDERS[provider].get("credentials", {}).get("fix") or \
+        f"run `{BINARIES[provider]}` once by hand"
+    errors = [line for line in done.stderr.splitlines() if line.startswith("cao: error:")]
+    assert done.returncode == 1 and len(errors) == 1, done
+    assert f"{provider} has no credentials here" in errors[0] and fix in errors[0], errors
+    assert took < 45, (took, done)
