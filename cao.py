@@ -1670,6 +1670,15 @@ def _templates_by_name(value):
     return _problem_templates(value) if isinstance(value, dict) else "must be an object"
 
 
+def _home_overlay(value):
+    if not isinstance(value, dict) or set(value) != {"env", "dir", "json"} or \
+            not isinstance(value["json"], dict) or \
+            not all(isinstance(value[k], str) and value[k] for k in ("env", "dir")) or \
+            "/" in value["dir"] or value["dir"] in (".", ".."):
+        return ('must be {"env": NAME, "dir": ".folder", "json": {"file.json": {...}}}')
+    return _problem_templates(value["json"])
+
+
 def _status_patterns(value):
     for status, pattern in value:
         if status not in STATUSES:
@@ -1728,6 +1737,11 @@ PROVIDER_FIELDS = {
                       'command, run with $NAME on stdin when HOME has no such file'),
     "credentials": (_credentials, '{"env": [names], "files": ["~/path"], "fix": "how to get '
                                   'some"}: where the CLI finds a login, for `cao doctor`'),
+    "home_overlay": (_home_overlay, '{"env": NAME, "dir": ".folder", "json": {file: {...}}}: '
+                                    "for a CLI that ignores settings files a user may write "
+                                    "(Gemini CLI): $NAME points at a home of the terminal's own "
+                                    "whose folder links to the user's, each file in json merged "
+                                    "over the user's copy"),
     "login_screen": (_problem_regex, "regex of a screen that asks for a login: the terminal "
                                      "is an error, and its start fails with credentials.fix"),
 }
@@ -1986,6 +2000,64 @@ def launch_plan(spec, fields):
         return {k: str(_fill(_on(t, active), fields)) for k, t in table.items()
                 if _on(t, active) is not None}
     return [str(a) for a in argv], chosen(spec.get("env", {})), chosen(spec.get("files", {}))
+
+
+def _json_with_comments(text):
+    """Parse JSON that may hold // and /* */ comments (as Gemini's settings may)."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        if text[i] == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        else:
+            out.append(text[i])
+            i += 1
+    return json.loads("".join(out))
+
+
+def _merged(theirs, ours):
+    """ours over theirs, object by object; lists are joined without repeats."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return {**theirs, **{k: _merged(theirs.get(k), v) for k, v in ours.items()}}
+    if isinstance(theirs, list) and isinstance(ours, list):
+        return theirs + [v for v in ours if v not in theirs]
+    return ours
+
+
+def build_home_overlay(overlay, fields, context_dir, user_home, cao_home):
+    """A home of the terminal's own for a CLI that reads its settings only from there:
+    each entry of the user's folder is linked in (logins, history stay shared) and each
+    settings file is the user's copy with cao's merged over it. Returns the env."""
+    root = Path(context_dir) / "home"
+    folder, theirs = root / overlay["dir"], Path(user_home) / overlay["dir"]
+    folder.mkdir(parents=True, exist_ok=True)
+    if theirs.is_dir():
+        for entry in theirs.iterdir():
+            if entry.name not in overlay["json"]:
+                (folder / entry.name).symlink_to(entry)
+    for name, template in overlay["json"].items():
+        mine, text = theirs / name, None
+        try:
+            text = mine.read_text(encoding="utf-8")
+            settings = _json_with_comments(text) if text.strip() else {}
+        except FileNotFoundError:
+            settings = {}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {mine} ({e}); fix it or move it away")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{mine} holds no JSON object; fix it or move it away")
+        write_inside(folder / name, cao_home,
+                     json.dumps(_merged(settings, _fill(template, fields)), indent=2))
+    return {overlay["env"]: str(root)}
 
 
 def _screen_tail(screen, count):
@@ -3006,6 +3078,9 @@ class Terminals:
         for name, content in files.items():
             (context_dir / name).parent.mkdir(parents=True, exist_ok=True)
             write_inside(context_dir / name, self.home, content)
+        if spec.get("home_overlay"):
+            env.update(build_home_overlay(spec["home_overlay"], fields, context_dir,
+                                          env.get("HOME") or Path.home(), self.home))
         now = time.time()
         if new_session:
             self.store.execute("INSERT INTO sessions(name, working_directory, agent_profile,"
@@ -7182,15 +7257,16 @@ PROVIDERS = {
         # Gemini (and ink's is-in-ci) start headless and exit when CI or
         # GITHUB_ACTIONS says "true", but an agent in a tmux window is interactive.
         "env": {"GEMINI_CLI_TRUST_WORKSPACE": "true", "CI": "false", "GITHUB_ACTIONS": "false",
-                "GEMINI_CLI_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json",
                 "GEMINI_SYSTEM_MD": {"when": "system_prompt", "value": "{context_dir}/system.md"}},
-        "files": {
-            "settings.json": {"json": {"mcpServers": {CAO_MCP_NAME: {
+        "files": {"system.md": {"when": "system_prompt", "value": "{system_prompt}"}},
+        # Not GEMINI_CLI_SYSTEM_SETTINGS_PATH: Gemini skips a system settings file unless
+        # it and every folder above it are root's and writable by no one else, so for
+        # any other user (or below /tmp) cao's MCP server and restrictions were dropped.
+        "home_overlay": {"env": "GEMINI_CLI_HOME", "dir": ".gemini", "json": {"settings.json": {
+            "mcpServers": {CAO_MCP_NAME: {
                 "command": "{mcp_command}", "args": "{mcp_args}", "env": "{mcp_env}",
                 "timeout": 86400000, "trust": True}},
-                "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}},
-            "system.md": {"when": "system_prompt", "value": "{system_prompt}"},
-        },
+            "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}}},
         "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file", "read_many_files"],
                   "fs_write": ["write_file", "replace"],
                   "fs_list": ["list_directory", "glob", "search_file_content"],
@@ -7210,7 +7286,7 @@ PROVIDERS = {
     },
 }
 PROVIDERS["qwen_code"] = {
-    **PROVIDERS["gemini_cli"],
+    **{k: v for k, v in PROVIDERS["gemini_cli"].items() if k != "home_overlay"},
     "input_lines": 4,
     "description": "Qwen Code (Alibaba; a Gemini CLI fork)",
     "command": ["qwen"],

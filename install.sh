@@ -44,12 +44,12 @@ if ! python3 build_zipapp.py --with-mcp 2>/dev/null; then
 fi
 mkdir -p "$BIN_DIR" "$SHARE_DIR"
 cp dist/cao.pyz "$SHARE_DIR/cao.pyz"
-for cmd in cao cao-server cao-mcp-server; do
-  case $cmd in cao-server) sub=server;; cao-mcp-server) sub=mcp;; *) sub="";; esac
+for cmd in cao cao-server cao-mcp-server cao-ops-mcp-server; do
+  case $cmd in cao-server) sub=server;; cao-mcp-server) sub=mcp;; cao-ops-mcp-server) sub=ops-mcp;; *) sub="";; esac
   printf '#!/bin/sh\nexec python3 "%s" %s "$@"\n' "$SHARE_DIR/cao.pyz" "$sub" > "$BIN_DIR/$cmd"
   chmod +x "$BIN_DIR/$cmd"
 done
-say "installed $BIN_DIR/cao, cao-server and cao-mcp-server ($("$BIN_DIR/cao" --version))"
+say "installed $BIN_DIR/cao, cao-server, cao-mcp-server and cao-ops-mcp-server ($("$BIN_DIR/cao" --version))"
 case ":$PATH:" in *":$BIN_DIR:"*) ;; *) say "add $BIN_DIR to your PATH: export PATH=\"$BIN_DIR:\$PATH\"";; esac
 
 if [ "$mode" = "--demo" ]; then

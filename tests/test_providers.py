@@ -2,6 +2,7 @@
 providers from settings.json, and input that survives a CLI's sticky Enter."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +203,34 @@ def test_a_paste_placeholder_counts_as_text_still_in_the_input_box():
     assert cao._still_in_input(claude, "❯ [Pasted text #1 +4 lines]\n", "what now")
     assert not cao._still_in_input(claude, "❯ \n", "what now")
     assert cao._still_in_input(cao.PROVIDERS["opencode_cli"], "┃ [Pasted ~5 lines]\n", "x")
+
+
+def test_a_home_overlay_links_the_users_folder_and_merges_cao_settings_over_theirs(tmp_path):
+    user_home, context, cao_home = tmp_path / "user", tmp_path / "cao" / "t1", tmp_path / "cao"
+    (user_home / ".gemini" / "extensions").mkdir(parents=True)
+    (user_home / ".gemini" / "oauth_creds.json").write_text('{"token": "t"}')
+    theirs = ('{\n  // my own server\n  "mcpServers": {"mine": {"command": "x"}},\n'
+              '  "tools": {"exclude": ["web_fetch"]}, /* dark */ "ui": {"theme": "a//b"}\n}\n')
+    (user_home / ".gemini" / "settings.json").write_text(theirs)
+    context.mkdir(parents=True)
+    overlay = cao.PROVIDERS["gemini_cli"]["home_overlay"]
+    fields = {"mcp_command": "python3", "mcp_args": ["cao.pyz", "mcp"], "mcp_env": {"A": "1"},
+              "disallowed_tools": ["run_shell_command"]}
+    env = cao.build_home_overlay(overlay, fields, context, user_home, cao_home)
+    assert env == {"GEMINI_CLI_HOME": str(context / "home")}
+    folder = context / "home" / ".gemini"
+    assert (folder / "oauth_creds.json").resolve() == user_home / ".gemini" / "oauth_creds.json"
+    assert (folder / "extensions").is_symlink() and not (folder / "settings.json").is_symlink()
+    merged = json.loads((folder / "settings.json").read_text())
+    assert merged["mcpServers"]["mine"] == {"command": "x"}
+    assert merged["mcpServers"][cao.CAO_MCP_NAME]["args"] == ["cao.pyz", "mcp"]
+    assert merged["tools"]["exclude"] == ["web_fetch", "run_shell_command"]
+    assert merged["ui"] == {"theme": "a//b"} and merged["general"]["enableAutoUpdate"] is False
+    assert (user_home / ".gemini" / "settings.json").read_text() == theirs  # never changed
+    fresh = cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t2", tmp_path / "nobody",
+                                   cao_home)  # a fresh HOME: cao's settings alone
+    assert json.loads((Path(fresh["GEMINI_CLI_HOME"]) / ".gemini" / "settings.json").read_text())[
+        "mcpServers"].keys() == {cao.CAO_MCP_NAME}
+    (user_home / ".gemini" / "settings.json").write_text('{"ui": ')
+    with pytest.raises(cao.ConfigError, match=r"settings.json \(.*\); fix it or move it away"):
+        cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t3", user_home, cao_home)

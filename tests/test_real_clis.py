@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -37,11 +36,7 @@ class RealEnv(CaoEnv):
     """A cao server whose agents see a fresh HOME set up for the mock."""
 
     def __init__(self, tmp_path, mock, providers):
-        super().__init__(tmp_path)
-        # Gemini CLI ignores a settings file below a world-writable directory such as /tmp.
-        self.home = Path.home() / ".cache" / "cao-test-homes" / uuid.uuid4().hex[:12]
-        self.home.mkdir(parents=True, mode=0o700)
-        self.env["CAO_HOME_DIR"] = str(self.home)
+        super().__init__(tmp_path)  # cao's home lies below /tmp, which Gemini distrusts
         self.user_home = tmp_path / "user-home"
         self.user_home.mkdir()
         path = os.pathsep.join([str(d) for d in BIN_DIRS] + [os.environ.get("PATH", "")])
@@ -68,7 +63,6 @@ class RealEnv(CaoEnv):
             except (ProcessLookupError, PermissionError):
                 pass
         super().cleanup()
-        shutil.rmtree(self.home, ignore_errors=True)
 
     def start(self, provider, profile="agent", session="e2e"):
         code, body = self.request("POST", f"/sessions?agent_profile={profile}&provider={provider}"
