@@ -1671,11 +1671,14 @@ def _templates_by_name(value):
 
 
 def _home_overlay(value):
-    if not isinstance(value, dict) or set(value) != {"env", "dir", "json"} or \
-            not isinstance(value["json"], dict) or \
+    if not isinstance(value, dict) or not {"env", "dir", "json"} <= set(value) <= \
+            {"env", "dir", "json", "when_env"} or not isinstance(value["json"], dict) or \
             not all(isinstance(value[k], str) and value[k] for k in ("env", "dir")) or \
-            "/" in value["dir"] or value["dir"] in (".", ".."):
-        return ('must be {"env": NAME, "dir": ".folder", "json": {"file.json": {...}}}')
+            "/" in value["dir"] or value["dir"] in (".", "..") or \
+            not all(isinstance(v, dict) and set(v) <= set(value["json"])
+                    for v in value.get("when_env", {}).values()):
+        return ('must be {"env": NAME, "dir": ".folder", "json": {"file.json": {...}}, '
+                '"when_env": {VARIABLE: {"file.json": {...}}}}')
     return _problem_templates(value["json"])
 
 
@@ -1737,11 +1740,14 @@ PROVIDER_FIELDS = {
                       'command, run with $NAME on stdin when HOME has no such file'),
     "credentials": (_credentials, '{"env": [names], "files": ["~/path"], "fix": "how to get '
                                   'some"}: where the CLI finds a login, for `cao doctor`'),
+    "json_env": (_is(list, "a list of variable names"), "variables of the provider's env that "
+                 "hold JSON: merged over the user's own value of the variable, not replacing it"),
     "home_overlay": (_home_overlay, '{"env": NAME, "dir": ".folder", "json": {file: {...}}}: '
                                     "for a CLI that ignores settings files a user may write "
                                     "(Gemini CLI): $NAME points at a home of the terminal's own "
                                     "whose folder links to the user's, each file in json merged "
-                                    "over the user's copy"),
+                                    "over the user's copy, when_env's under it while VARIABLE "
+                                    "is set"),
     "login_screen": (_problem_regex, "regex of a screen that asks for a login: the terminal "
                                      "is an error, and its start fails with credentials.fix"),
 }
@@ -2033,10 +2039,26 @@ def _merged(theirs, ours):
     return ours
 
 
-def build_home_overlay(overlay, fields, context_dir, user_home, cao_home):
+def _json_over_users(name, theirs, ours):
+    """cao's JSON for an environment variable merged over the user's own value."""
+    if not theirs:
+        return ours
+    try:
+        settings = json.loads(theirs)
+    except ValueError as e:
+        raise ConfigError(f"${name} is not JSON ({e}); fix it or unset it")
+    if not isinstance(settings, dict):
+        raise ConfigError(f"${name} holds no JSON object; fix it or unset it")
+    return json.dumps(_merged(settings, json.loads(ours)), ensure_ascii=False)
+
+
+def build_home_overlay(overlay, fields, context_dir, user_home, cao_home, env):
     """A home of the terminal's own for a CLI that reads its settings only from there:
     each entry of the user's folder is linked in (logins, history stay shared) and each
-    settings file is the user's copy with cao's merged over it. Returns the env."""
+    settings file is the user's copy with cao's merged over it. `when_env` holds what
+    the CLI writes when a person answers a first-run screen that the variable already
+    answers (Gemini's login picker with GEMINI_API_KEY set); the user's own choice wins
+    over it. Returns the env for the CLI."""
     root = Path(context_dir) / "home"
     folder, theirs = root / overlay["dir"], Path(user_home) / overlay["dir"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -2055,6 +2077,9 @@ def build_home_overlay(overlay, fields, context_dir, user_home, cao_home):
             raise ConfigError(f"cannot read {mine} ({e}); fix it or move it away")
         if not isinstance(settings, dict):
             raise ConfigError(f"{mine} holds no JSON object; fix it or move it away")
+        for variable, files in overlay.get("when_env", {}).items():
+            if env.get(variable) and name in files:
+                settings = _merged(files[name], settings)
         write_inside(folder / name, cao_home,
                      json.dumps(_merged(settings, _fill(template, fields)), indent=2))
     return {overlay["env"]: str(root)}
@@ -3073,6 +3098,9 @@ class Terminals:
         for hook in self.launch_hooks:
             hook(profile, spec, fields)
         argv, extra_env, files = launch_plan(spec, fields)
+        for name in set(spec.get("json_env", [])) & set(extra_env):
+            extra_env[name] = _json_over_users(name, {**os.environ, **env}.get(name),
+                                               extra_env[name])
         env.update(extra_env)
         context_dir = self.home / "terminals" / terminal_id
         for name, content in files.items():
@@ -3080,7 +3108,8 @@ class Terminals:
             write_inside(context_dir / name, self.home, content)
         if spec.get("home_overlay"):
             env.update(build_home_overlay(spec["home_overlay"], fields, context_dir,
-                                          env.get("HOME") or Path.home(), self.home))
+                                          env.get("HOME") or Path.home(), self.home,
+                                          {**os.environ, **env}))
         now = time.time()
         if new_session:
             self.store.execute("INSERT INTO sessions(name, working_directory, agent_profile,"
@@ -7266,7 +7295,10 @@ PROVIDERS = {
             "mcpServers": {CAO_MCP_NAME: {
                 "command": "{mcp_command}", "args": "{mcp_args}", "env": "{mcp_env}",
                 "timeout": 86400000, "trust": True}},
-            "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}}},
+            "tools": {"exclude": "{disallowed_tools}"}, "general": _NO_SELF_UPDATE}},
+            # Its login picker shows until a choice is saved, even with the key set.
+            "when_env": {"GEMINI_API_KEY": {"settings.json": {
+                "security": {"auth": {"selectedType": "gemini-api-key"}}}}}},
         "tools": {"execute_bash": ["run_shell_command"], "fs_read": ["read_file", "read_many_files"],
                   "fs_write": ["write_file", "replace"],
                   "fs_list": ["list_directory", "glob", "search_file_content"],
@@ -7325,6 +7357,7 @@ PROVIDERS.update({
         "args": {"model": ["--model", "{model}"]},
         "paste_marker": r"\[Pasted ~\d+ lines?\]",
         "skills_dir": "{context_dir}/skills",
+        "json_env": ["OPENCODE_CONFIG_CONTENT"],  # a CI job may give its whole config there
         "env": {"OPENCODE_CONFIG_CONTENT": {"json": {
                     "mcp": {CAO_MCP_NAME: {"type": "local", "command": "{mcp_argv}",
                                            "environment": "{mcp_env}", "timeout": 86400000}},

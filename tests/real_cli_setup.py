@@ -94,9 +94,8 @@ def ci_setup(provider, home, mock_url):
                 "ANTHROPIC_BASE_URL": mock_url}
     if provider == "codex":
         return {"OPENAI_API_KEY": "mock-key", "OPENAI_BASE_URL": v1}
-    if provider == "gemini_cli":  # without the auth type it asks how to log in at the first turn
-        return {"GEMINI_API_KEY": "mock-key", "GOOGLE_GEMINI_BASE_URL": mock_url,
-                "GEMINI_DEFAULT_AUTH_TYPE": "gemini-api-key"}
+    if provider == "gemini_cli":
+        return {"GEMINI_API_KEY": "mock-key", "GOOGLE_GEMINI_BASE_URL": mock_url}
     if provider == "qwen_code":
         return {"OPENAI_API_KEY": "mock-key", "OPENAI_BASE_URL": v1, "OPENAI_MODEL": "mock-model"}
     if provider == "opencode_cli":

@@ -216,7 +216,7 @@ def test_a_home_overlay_links_the_users_folder_and_merges_cao_settings_over_thei
     overlay = cao.PROVIDERS["gemini_cli"]["home_overlay"]
     fields = {"mcp_command": "python3", "mcp_args": ["cao.pyz", "mcp"], "mcp_env": {"A": "1"},
               "disallowed_tools": ["run_shell_command"]}
-    env = cao.build_home_overlay(overlay, fields, context, user_home, cao_home)
+    env = cao.build_home_overlay(overlay, fields, context, user_home, cao_home, {})
     assert env == {"GEMINI_CLI_HOME": str(context / "home")}
     folder = context / "home" / ".gemini"
     assert (folder / "oauth_creds.json").resolve() == user_home / ".gemini" / "oauth_creds.json"
@@ -227,10 +227,29 @@ def test_a_home_overlay_links_the_users_folder_and_merges_cao_settings_over_thei
     assert merged["tools"]["exclude"] == ["web_fetch", "run_shell_command"]
     assert merged["ui"] == {"theme": "a//b"} and merged["general"]["enableAutoUpdate"] is False
     assert (user_home / ".gemini" / "settings.json").read_text() == theirs  # never changed
+    assert "security" not in merged  # no key in the environment: the login picker decides
+    key = {"GEMINI_API_KEY": "k"}
     fresh = cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t2", tmp_path / "nobody",
-                                   cao_home)  # a fresh HOME: cao's settings alone
-    assert json.loads((Path(fresh["GEMINI_CLI_HOME"]) / ".gemini" / "settings.json").read_text())[
-        "mcpServers"].keys() == {cao.CAO_MCP_NAME}
+                                   cao_home, key)  # a fresh HOME and a key, as in CI
+    settings = json.loads((Path(fresh["GEMINI_CLI_HOME"]) / ".gemini" / "settings.json").read_text())
+    assert settings["mcpServers"].keys() == {cao.CAO_MCP_NAME}
+    assert settings["security"] == {"auth": {"selectedType": "gemini-api-key"}}
+    (user_home / ".gemini" / "settings.json").write_text(
+        '{"security": {"auth": {"selectedType": "oauth-personal"}}}')
+    mine = cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t4", user_home, cao_home, key)
+    assert json.loads((Path(mine["GEMINI_CLI_HOME"]) / ".gemini" / "settings.json").read_text())[
+        "security"]["auth"]["selectedType"] == "oauth-personal"  # the user's choice wins
     (user_home / ".gemini" / "settings.json").write_text('{"ui": ')
     with pytest.raises(cao.ConfigError, match=r"settings.json \(.*\); fix it or move it away"):
-        cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t3", user_home, cao_home)
+        cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t3", user_home, cao_home, {})
+
+
+def test_a_json_variable_the_user_set_is_merged_not_replaced():
+    ours = json.dumps({"mcp": {"cao": {"type": "local"}}, "instructions": ["a.md"]})
+    theirs = json.dumps({"model": "mock/m", "mcp": {"mine": {"type": "remote"}}})
+    merged = json.loads(cao._json_over_users("OPENCODE_CONFIG_CONTENT", theirs, ours))
+    assert merged == {"model": "mock/m", "mcp": {"mine": {"type": "remote"}, "cao": {"type": "local"}},
+                      "instructions": ["a.md"]}
+    assert cao._json_over_users("X", None, ours) == ours
+    with pytest.raises(cao.ConfigError, match=r"\$X is not JSON .*; fix it or unset it"):
+        cao._json_over_users("X", "{oops", ours)

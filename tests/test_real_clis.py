@@ -468,10 +468,8 @@ def test_real_claude_with_an_unfinished_first_run_fails_at_once_with_the_fix(rea
         "firstStartTime": "2026-12-01T00:00:00Z"}  # the user's file is left as it was
 
 
-# Not yet from a fresh HOME (issue 14 stays open): Gemini CLI stops at a screen that
-# shows its terms-of-service notice, and opencode draws no prompt with its config in
-# OPENCODE_CONFIG_CONTENT alone. Claude Code has its own test above.
-FRESH_HOME_CLIS = ["codex", "qwen_code", "copilot_cli", "kimi_cli", "hermes"]
+# Claude Code has its own two tests above.
+FRESH_HOME_CLIS = ["codex", "gemini_cli", "opencode_cli", "qwen_code", "copilot_cli", "kimi_cli", "hermes"]
 
 
 @pytest.mark.parametrize("provider", FRESH_HOME_CLIS)
