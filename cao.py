@@ -7415,8 +7415,10 @@ PROVIDERS.update({
         "tail_lines": 60,
         "turn_start_grace": 3.0,
         "settle": 0.15,  # it clears the busy footer a frame before the answer's last words
+        # A notice drawn after the answer (MCP servers that connected late) ends it.
         "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
-                   "end": r"^ [~/]\S*( \[⎇ .*\])?$|" + _RULE[1:]},
+                   "end": r"^ [~/]\S*( \[⎇ .*\])?$|^ ● (Tip:|No copilot-instructions|MCP Servers)|"
+                          + _RULE[1:]},
         "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
         "exit": {"text": "/exit"},
     },

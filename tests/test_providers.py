@@ -253,3 +253,14 @@ def test_a_json_variable_the_user_set_is_merged_not_replaced():
     assert cao._json_over_users("X", None, ours) == ours
     with pytest.raises(cao.ConfigError, match=r"\$X is not JSON .*; fix it or unset it"):
         cao._json_over_users("X", "{oops", ours)
+
+
+def test_copilot_answer_ends_at_a_notice_drawn_after_it():
+    """Seen in CI from a fresh HOME: cao's MCP server connected after the first turn."""
+    screen = (" ❯ hello from a fresh machine\n\n ● FRESH-copilot_cli\n\n"
+              " ● MCP Servers reloaded: 1 server connected\n\n\n"
+              " /tmp/pytest-of-root/project\n" + "─" * 40 + "\n❯\n" + "─" * 40 + "\n"
+              " ← open sidebar · Interactive · Manual Approval · / commands · ? help\n")
+    spec = cao.PROVIDERS["copilot_cli"]
+    assert cao.detect_status(spec, screen) == "completed"
+    assert cao.extract_answer(spec, screen) == "FRESH-copilot_cli"
