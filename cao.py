@@ -45,8 +45,7 @@ docs/architecture.md follows one message through these sections.
 
 import argparse
 import errno
-import http.client
-import http.server
+import http
 import io
 import ipaddress
 import json
@@ -58,7 +57,6 @@ import shlex
 import shutil
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
@@ -1039,6 +1037,7 @@ class Client:
 
     def call(self, method, path, params=None, body=None, timeout=60):
         """One request; returns decoded JSON or raises CaoError with the server's detail."""
+        import http.client  # only a command that talks to the server pays for it
         query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
@@ -1304,6 +1303,7 @@ class Store:
     and makes every committed row survive a kill -9 of the server."""
 
     def __init__(self, path):
+        import sqlite3  # the server's; a CLI command does not load it
         self.path = str(path)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
@@ -3503,6 +3503,7 @@ class Handoffs:
     def run_step(self, agent, prompt, provider=None, session_name=None, reuse_terminal_id=None,
                  teardown=True, timeout=600.0, working_directory=None, caller_id=None,
                  allowed_tools=None, model=None, description=None, use_worktree=False, job_id=None):
+        import sqlite3
         check_message(prompt)
         job_id = _job_id(job_id) if job_id is not None else uuid.uuid4().hex
         try:
@@ -3973,6 +3974,7 @@ class MemoryStore:
 
     def _full_text_index(self):
         """Create the FTS5 index if this sqlite has FTS5; False means search by LIKE."""
+        import sqlite3
         try:
             with self.store.lock:
                 fresh = not self.store.one("SELECT name FROM sqlite_master WHERE name = 'memories_fts'")
@@ -4557,6 +4559,7 @@ class Flows(threading.Thread):
     def adopt_upstream(self):
         """Take in flows that upstream's `cao schedule add` wrote to its own database in
         this home (it runs in-process, without a server); each is added once."""
+        import sqlite3
         path = cao_home() / "db" / "cli-agent-orchestrator.db"
         try:
             stamp = os.stat(path).st_mtime_ns
@@ -4941,7 +4944,8 @@ class WebhookRunner(EventFollower):
                 "session_id": event["session_name"], **fields}
 
     def deliver(self, event_type, fields, event):
-        import urllib.request  # only here: it is slow to import
+        import http.client  # only here and in the Client: it is slow to import
+        import urllib.request
         if event_type not in self.events:
             return
         body = json.dumps(self._payload(event_type, fields, event)).encode()
@@ -5672,10 +5676,11 @@ _ERROR_HINTS = {400: "send a well-formed HTTP/1.1 request",
                 505: "send HTTP/1.1"}
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
+class ApiHandler:
     """One connection. Every answer either follows a fully read request or closes
     the connection: bytes the server did not read as a body are never read as the
-    next request."""
+    next request. make_server mixes it into http.server's handler, which only the
+    server imports."""
 
     protocol_version = "HTTP/1.1"
     server_version = "cao/" + __version__
@@ -5891,7 +5896,8 @@ STATIC = StaticFiles()
 
 # -- the server ----------------------------------------------------------------
 
-class ApiServer(http.server.ThreadingHTTPServer):
+class ApiServer:
+    """Mixed into http.server's ThreadingHTTPServer by make_server."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -5952,17 +5958,18 @@ def make_server(host, port):
     allowed_hosts(), allowed_origins()  # a bad entry stops the server before it listens
     home = ensure_home()
     store = Store(home / "db" / "cao.db")
-    server_class = ApiServer
-    if ":" in host:
-        server_class = type("ApiServer6", (ApiServer,), {"address_family": socket.AF_INET6})
+    import http.server  # here, not at the top: a CLI command never serves
+    server_class = type("ApiServer", (ApiServer, http.server.ThreadingHTTPServer),
+                        {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    handler = type("Handler", (ApiHandler, http.server.BaseHTTPRequestHandler), {})
     try:
-        server = server_class((host, port), ApiHandler, timeout)
+        server = server_class((host, port), handler, timeout)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}; "
                           "is another cao-server running? pick another --port")
     app = App(store, host, server.server_address[1])
     app.start()
-    server.RequestHandlerClass = type("Handler", (ApiHandler,), {"app": app})
+    server.RequestHandlerClass = type("Handler", (handler,), {"app": app})
     server.app = app
     return server
 

@@ -61,10 +61,13 @@ case "$PYZ" in
         cp "$FEATURE_DIR/cao.pyz" "$staged" ;;
     http://*|https://*)
         say "downloading $PYZ"
-        python3 - "$PYZ" "$staged" <<'PY' || die "could not download $PYZ"
+        python3 - "$PYZ" "$staged" <<'PY' || { rm -f "$staged"; exit 1; }
 import shutil, sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=120) as src, open(sys.argv[2], "wb") as dst:
-    shutil.copyfileobj(src, dst)
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=120) as src, open(sys.argv[2], "wb") as dst:
+        shutil.copyfileobj(src, dst)
+except (OSError, ValueError) as e:
+    sys.exit(f"cao feature: error: could not download {sys.argv[1]}: {e}")
 PY
         ;;
     *)
