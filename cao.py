@@ -2067,7 +2067,7 @@ def build_home_overlay(overlay, fields, context_dir, user_home, cao_home, env):
             if entry.name not in overlay["json"]:
                 (folder / entry.name).symlink_to(entry)
     for name, template in overlay["json"].items():
-        mine, text = theirs / name, None
+        mine = theirs / name
         try:
             text = mine.read_text(encoding="utf-8")
             settings = _json_with_comments(text) if text.strip() else {}
@@ -2095,11 +2095,14 @@ def _input_tail(message):
     return message.strip().split("\n")[-1].strip()[-24:]
 
 
+def _login_match(spec, tail):
+    return spec.get("login_screen") and re.search(spec["login_screen"], tail, re.M)
+
+
 def login_asked(spec, screen):
     """The line where the CLI asks for a login (it found no credentials), or None."""
-    pattern = spec.get("login_screen")
     tail = _screen_tail(screen, spec.get("tail_lines", 15))
-    found = pattern and re.search(pattern, tail, re.M)
+    found = _login_match(spec, tail)
     if not found:
         return None
     line = tail[tail.rfind("\n", 0, found.start()) + 1:].split("\n")[0]
@@ -2119,9 +2122,9 @@ def login_problem(provider, screen):
 
 
 def detect_status(spec, screen):
-    if login_asked(spec, screen):
-        return "error"
     tail = _screen_tail(screen, spec.get("tail_lines", 15))
+    if _login_match(spec, tail):
+        return "error"
     for status, pattern in spec.get("status", []):
         if re.search(pattern, tail, re.M):
             return status
