@@ -649,15 +649,22 @@ def load_settings():
     cached = _settings_cache.get(path)
     if cached and cached[0] == identity:
         return cached[1]
-    try:
-        settings = json.loads(read_inside(path, cao_home()))
-    except FileNotFoundError:
-        settings = {}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file")
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{path}: must hold a JSON object")
+    settings = json_object_in(path, lambda p: read_inside(p, cao_home()))
     _settings_cache[path] = (identity, settings)
+    return settings
+
+
+def json_object_in(path, read, parse=json.loads, fix="fix or delete the file"):
+    """The JSON object a file holds, {} when there is no file; a ConfigError that
+    names the file and the fix when it cannot be read or holds something else."""
+    try:
+        settings = parse(read(path))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); {fix}")
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path}: must hold a JSON object; {fix}")
     return settings
 
 
@@ -2067,16 +2074,9 @@ def build_home_overlay(overlay, fields, context_dir, user_home, cao_home, env):
             if entry.name not in overlay["json"]:
                 (folder / entry.name).symlink_to(entry)
     for name, template in overlay["json"].items():
-        mine = theirs / name
-        try:
-            text = mine.read_text(encoding="utf-8")
-            settings = _json_with_comments(text) if text.strip() else {}
-        except FileNotFoundError:
-            settings = {}
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {mine} ({e}); fix it or move it away")
-        if not isinstance(settings, dict):
-            raise ConfigError(f"{mine} holds no JSON object; fix it or move it away")
+        settings = json_object_in(theirs / name, lambda p: p.read_text(encoding="utf-8"),
+                                  lambda text: _json_with_comments(text) if text.strip() else {},
+                                  "fix it or move it away")
         for variable, files in overlay.get("when_env", {}).items():
             if env.get(variable) and name in files:
                 settings = _merged(files[name], settings)

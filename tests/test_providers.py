@@ -240,7 +240,7 @@ def test_a_home_overlay_links_the_users_folder_and_merges_cao_settings_over_thei
     assert json.loads((Path(mine["GEMINI_CLI_HOME"]) / ".gemini" / "settings.json").read_text())[
         "security"]["auth"]["selectedType"] == "oauth-personal"  # the user's choice wins
     (user_home / ".gemini" / "settings.json").write_text('{"ui": ')
-    with pytest.raises(cao.ConfigError, match=r"settings.json \(.*\); fix it or move it away"):
+    with pytest.raises(cao.ConfigError, match=r"settings.json: not valid JSON \(.*\); fix it or move it away"):
         cao.build_home_overlay(overlay, fields, tmp_path / "cao" / "t3", user_home, cao_home, {})
 
 
