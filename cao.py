@@ -7359,7 +7359,7 @@ _OPENCODE_DONE = r"^\s*▣ .*· \d+(\.\d+)?m?s(\s{8,}\S.*)?\s*$"
 
 PROVIDERS.update({
     "opencode_cli": {
-        "credentials": {"env": ["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "OPENROUTER_API_KEY"], "files": ["~/.local/share/opencode/auth.json"], "fix": "run `opencode auth login`, or export your model provider's API key"},
+        "credentials": {"env": ["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "OPENROUTER_API_KEY", "OPENCODE_CONFIG_CONTENT"], "files": ["~/.local/share/opencode/auth.json"], "fix": "run `opencode auth login`, or export your model provider's API key (or its config in OPENCODE_CONFIG_CONTENT)"},
         "input_lines": 5,
         "description": "opencode (sst)",
         "command": ["opencode"],
