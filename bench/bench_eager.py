@@ -3,7 +3,7 @@
 
 cao's Inbox normally types a message into a terminal only once its status is idle or
 completed. With CAO_EAGER_INBOX_DELIVERY=true on the server and a provider whose entry
-says "eager_input": True (Claude Code, Kimi CLI) it also types it while the agent is
+says "eager_input": True (Kimi CLI; Claude Code until 2026-12-03) it also types it while the agent is
 `processing`; the CLI queues the text and starts the next turn by itself as soon as
 the running turn ends, without waiting for cao to see `completed`.
 
@@ -40,7 +40,7 @@ the tmux server, the cao server by PID), the private tmux socket file, then SIGK
 PID to any process still carrying the run's private dirs in its environment (Claude
 Code's detached `cao hook`s), then the private CAO_HOME_DIR and the temp dir.
 
-    .venv/bin/python bench/bench_eager.py [--runs N] [--providers claude_code,kimi_cli]
+    .venv/bin/python bench/bench_eager.py [--runs N] [--providers kimi_cli]
                                           [--warmup N] [--json out.json]
 
 Progress on stderr, the table on stdout. See bench/README.md, "Eager inbox delivery".
@@ -203,7 +203,7 @@ def table(rows, header):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--runs", type=int, default=5, help="timed runs per provider and mode (5)")
-    ap.add_argument("--providers", default="claude_code,kimi_cli")
+    ap.add_argument("--providers", default="kimi_cli")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per provider first (1)")
     ap.add_argument("--json", help="also write every run's figures here")
     args = ap.parse_args(argv)

@@ -366,9 +366,10 @@ EAGER = [p for p in TURN_CLIS if cao.PROVIDERS[p].get("eager_input")]
 def test_eager_providers_are_the_ones_that_queue_input_safely():
     # docs/providers/<cli>.md says why the others are not: Codex folds mid-turn input
     # into the running turn and drops that turn's answer, opencode drops a turn's
-    # post-tool answer, Copilot starts an extra turn, Hermes interrupts the turn, and
-    # Gemini CLI and Qwen Code handed input sent at a turn's start back to the input box.
-    assert EAGER == ["claude_code", "kimi_cli"]
+    # post-tool answer, Copilot starts an extra turn, Hermes interrupts the turn,
+    # Gemini CLI and Qwen Code handed input sent at a turn's start back to the input
+    # box, and Claude Code now and then dropped a message queued while it streamed.
+    assert EAGER == ["kimi_cli"]
 
 
 @pytest.mark.parametrize("provider", EAGER)
