@@ -157,6 +157,18 @@ def check_terminal_id(terminal_id):
     return terminal_id
 
 
+CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def check_conversation_id(conversation_id):
+    """A CLI's own conversation id: it goes into the CLI's argv, so it may never read
+    as an option, and into file names, so no separators."""
+    if not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.fullmatch(conversation_id):
+        raise CaoError(f"invalid conversation id {conversation_id!r}; use letters, digits and "
+                       "._:- (up to 128), such as a session uuid the CLI printed")
+    return conversation_id
+
+
 def _iso(ts):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
@@ -1300,6 +1312,11 @@ MIGRATIONS = [
         enabled INTEGER NOT NULL DEFAULT 1, last_run REAL, last_result TEXT,
         last_reason TEXT, next_run REAL);
     """,
+    """
+    ALTER TABLE terminals ADD COLUMN conversation_id TEXT;
+    ALTER TABLE terminals ADD COLUMN lost TEXT;
+    ALTER TABLE terminals ADD COLUMN resumed TEXT;
+    """,
 ]
 EVENTS_KEPT = 10000       # events kept for /events readers
 EVENTS_HELD_MAX = 500000  # events kept at most for a plugin that has not read them yet
@@ -1579,8 +1596,9 @@ STATUSES = ("idle", "processing", "completed", "waiting_user_answer", "error", "
 READY_STATUSES = ("idle", "completed", "waiting_user_answer")
 LAUNCH_FIELDS = ("profile", "system_prompt", "model", "terminal_id", "working_directory",
                  "context_dir", "mcp_command", "hook_command", "cao", "mcp_args", "mcp_argv", "hook",
-                 "disallowed_tools", "mcp_env", "mcp_servers", "skills_dir")
-FEATURES = ("always", "system_prompt", "model", "yolo", "restricted", "skills")
+                 "disallowed_tools", "mcp_env", "mcp_servers", "skills_dir", "conversation_id")
+FEATURES = ("always", "system_prompt", "model", "yolo", "restricted", "skills",
+            "new_conversation", "resume")
 CAO_MCP_NAME = "cao-mcp-server"
 # `@builtin` names Kiro's own tool set; it grants nothing beyond the tools listed with it,
 # so upstream's reviewer role (@builtin, fs_read, fs_list) stays read-only everywhere.
@@ -2905,16 +2923,89 @@ class TerminalInput:
             tmux_keys(row["pane_id"], "Enter")
 
 
+class Launcher:
+    """Starts a terminal's CLI in its tmux window from the terminal's record: argv,
+    environment and files from the provider entry. Used for a new terminal and for
+    one brought back after its tmux died."""
+
+    def __init__(self, home, host, port):
+        self.home, self.host, self.port = home, host, port
+        self.hooks = []  # (profile, provider entry, launch fields) -> None; may edit fields
+
+    def window_env(self, terminal_id):
+        env = {k: v for k, v in os.environ.items() if k.startswith("CAO_")}
+        env.update({k: os.environ[k] for k in WINDOW_ENV_KEYS if k in os.environ})
+        env.update(CAO_TERMINAL_ID=terminal_id, CAO_HOME_DIR=str(self.home),
+                   CAO_API_HOST=self.host, CAO_API_PORT=str(self.port))
+        return env
+
+    def spawn(self, spec, profile, record, env, new_session, resume=None):
+        """Start the CLI for `record` (a terminals row's fields); returns the pane id.
+        With resume (a conversation id), the CLI continues that conversation."""
+        tools = json.loads(record["allowed_tools"]) if record["allowed_tools"] else None
+        fields = self.fields(spec, profile, record["id"], record["working_directory"], tools,
+                             env, record["model"])
+        fields["conversation_id"] = resume or record["conversation_id"] or ""
+        fields["resume" if resume else "new_conversation"] = bool(fields["conversation_id"])
+        for hook in self.hooks:
+            hook(profile, spec, fields)
+        argv, extra_env, files = launch_plan(spec, fields)
+        for name in set(spec.get("json_env", [])) & set(extra_env):
+            extra_env[name] = _json_over_users(name, {**os.environ, **env}.get(name),
+                                               extra_env[name])
+        env = {**env, **extra_env}
+        context_dir = self.home / "terminals" / record["id"]
+        for name, content in files.items():
+            (context_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            write_inside(context_dir / name, self.home, content)
+        if spec.get("home_overlay"):
+            env.update(build_home_overlay(spec["home_overlay"], fields, context_dir,
+                                          env.get("HOME") or Path.home(), self.home,
+                                          {**os.environ, **env}))
+        return tmux_spawn(record["session_name"], record["window_name"],
+                          record["working_directory"], env, argv, new_session)
+
+    def fields(self, spec, profile, terminal_id, workdir, tools, env, model):
+        prompt = profile.get("system_prompt") or ""
+        restricted = tool_enforcement(spec, tools) != "none"
+        disallowed = []
+        if restricted and spec.get("tools"):
+            allowed = resolve_tools(tools)
+            kept = {n for name in allowed for n in spec["tools"].get(name, ())}
+            disallowed = sorted({n for name, natives in spec["tools"].items() if name not in allowed
+                                 for n in natives} - kept)
+        elif restricted:
+            prompt += ("\n\nOnly use these tools: " + ", ".join(tools) +
+                       ". Do not use any other tool.").lstrip("\n")
+        mcp_argv = self_command() + ["mcp"]
+        mcp_env = {k: env[k] for k in ("CAO_TERMINAL_ID", "CAO_HOME_DIR", "CAO_API_HOST",
+                                       "CAO_API_PORT", "CAO_ENABLE_WORKING_DIRECTORY",
+                                       "CAO_ENABLE_SENDER_ID_INJECTION") if k in env}
+        servers = {name: server for name, server in (profile.get("mcpServers") or {}).items()
+                   if isinstance(server, dict) and name != CAO_MCP_NAME}
+        servers[CAO_MCP_NAME] = {"command": mcp_argv[0], "args": mcp_argv[1:], "env": mcp_env,
+                                 **spec.get("mcp_server_keys", {})}
+        hook = self_command() + ["hook"]
+        return {"profile": profile["name"], "terminal_id": terminal_id, "system_prompt": prompt,
+                "model": model or "", "working_directory": workdir,
+                "context_dir": str(self.home / "terminals" / terminal_id),
+                "cao": self_command(), "mcp_command": mcp_argv[0], "mcp_args": mcp_argv[1:],
+                "mcp_argv": mcp_argv, "mcp_env": mcp_env, "mcp_servers": servers,
+                "hook": hook, "hook_command": shlex.join(hook),
+                "skills_dir": str(self.home / "terminals" / terminal_id / "skills"),
+                "yolo": tools == ["*"], "restricted": bool(disallowed),
+                "disallowed_tools": disallowed}
+
+
 class Terminals:
     """Terminal lifecycle: each is a tmux window, a database row and a live record.
     Creating one launches its CLI from the provider entry; deleting one saves its
     scrollback first."""
 
-    def __init__(self, store, bus, live, watcher, tracker, typist, host, port):
+    def __init__(self, store, bus, live, watcher, tracker, typist, launcher):
         self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
-        self.tracker, self.typist, self.host, self.port = tracker, typist, host, port
-        self.home = ensure_home()
-        self.launch_hooks = []  # (profile, provider entry, launch fields) -> None; may edit fields
+        self.tracker, self.typist, self.launcher = tracker, typist, launcher
+        self.home = launcher.home
 
     def recover(self):
         """Take back the terminals whose windows outlived a server restart."""
@@ -3096,23 +3187,7 @@ class Terminals:
         window = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(profile["name"]))[:48] + f"-{terminal_id[:4]}"
         session_env = check_env_vars(env_vars) if new_session else \
             json.loads(session["env_vars"] or "{}")
-        env = {**session_env, **self._window_env(terminal_id)}
-        fields = self._launch_fields(spec, profile, terminal_id, workdir, tools, env, model)
-        for hook in self.launch_hooks:
-            hook(profile, spec, fields)
-        argv, extra_env, files = launch_plan(spec, fields)
-        for name in set(spec.get("json_env", [])) & set(extra_env):
-            extra_env[name] = _json_over_users(name, {**os.environ, **env}.get(name),
-                                               extra_env[name])
-        env.update(extra_env)
-        context_dir = self.home / "terminals" / terminal_id
-        for name, content in files.items():
-            (context_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            write_inside(context_dir / name, self.home, content)
-        if spec.get("home_overlay"):
-            env.update(build_home_overlay(spec["home_overlay"], fields, context_dir,
-                                          env.get("HOME") or Path.home(), self.home,
-                                          {**os.environ, **env}))
+        conversation = str(uuid.uuid4()) if "new_conversation" in spec.get("args", {}) else None
         now = time.time()
         if new_session:
             self.store.execute("INSERT INTO sessions(name, working_directory, agent_profile,"
@@ -3122,20 +3197,22 @@ class Terminals:
         self.store.execute(
             "INSERT INTO terminals(id, session_name, window_name, provider, agent_profile,"
             " working_directory, allowed_tools, caller_id, status, created_at, last_active,"
-            " model, description, worktree, initial_delivery)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " model, description, worktree, initial_delivery, conversation_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (terminal_id, session_name, window, provider, profile["name"], workdir,
              json.dumps(tools) if tools else None, caller_id, "unknown", now, now,
              model, description, json.dumps(worktree) if worktree else None,
-             json.dumps({"state": "pending"}) if initial_message else None))
+             json.dumps({"state": "pending"}) if initial_message else None, conversation))
         try:
-            pane_id = tmux_spawn(session_name, window, workdir, env, argv, new_session)
+            env = {**session_env, **self.launcher.window_env(terminal_id)}
+            pane_id = self.launcher.spawn(spec, profile, self.row(terminal_id), env, new_session)
         except CaoError:
             self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
             if new_session:
                 self.store.execute("DELETE FROM sessions WHERE name = ?", (session_name,))
             if worktree:
                 worktree_remove(worktree)
+            shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
             raise
         self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane_id, terminal_id))
         self.live[terminal_id] = Terminal(terminal_id)
@@ -3155,47 +3232,9 @@ class Terminals:
                 raise
         return self.get(terminal_id)
 
-    def _launch_fields(self, spec, profile, terminal_id, workdir, tools, env, model):
-        prompt = profile.get("system_prompt") or ""
-        restricted = tool_enforcement(spec, tools) != "none"
-        disallowed = []
-        if restricted and spec.get("tools"):
-            allowed = resolve_tools(tools)
-            kept = {n for name in allowed for n in spec["tools"].get(name, ())}
-            disallowed = sorted({n for name, natives in spec["tools"].items() if name not in allowed
-                                 for n in natives} - kept)
-        elif restricted:
-            prompt += ("\n\nOnly use these tools: " + ", ".join(tools) +
-                       ". Do not use any other tool.").lstrip("\n")
-        mcp_argv = self_command() + ["mcp"]
-        mcp_env = {k: env[k] for k in ("CAO_TERMINAL_ID", "CAO_HOME_DIR", "CAO_API_HOST",
-                                       "CAO_API_PORT", "CAO_ENABLE_WORKING_DIRECTORY",
-                                       "CAO_ENABLE_SENDER_ID_INJECTION") if k in env}
-        servers = {name: server for name, server in (profile.get("mcpServers") or {}).items()
-                   if isinstance(server, dict) and name != CAO_MCP_NAME}
-        servers[CAO_MCP_NAME] = {"command": mcp_argv[0], "args": mcp_argv[1:], "env": mcp_env,
-                                 **spec.get("mcp_server_keys", {})}
-        hook = self_command() + ["hook"]
-        return {"profile": profile["name"], "terminal_id": terminal_id, "system_prompt": prompt,
-                "model": model or "", "working_directory": workdir,
-                "context_dir": str(self.home / "terminals" / terminal_id),
-                "cao": self_command(), "mcp_command": mcp_argv[0], "mcp_args": mcp_argv[1:],
-                "mcp_argv": mcp_argv, "mcp_env": mcp_env, "mcp_servers": servers,
-                "hook": hook, "hook_command": shlex.join(hook),
-                "skills_dir": str(self.home / "terminals" / terminal_id / "skills"),
-                "yolo": tools == ["*"], "restricted": bool(disallowed),
-                "disallowed_tools": disallowed}
-
     def _init_timeout(self, profile):
         value = profile.get("provider_init_timeout") or load_settings().get("provider_init_timeout")
         return float(value or os.environ.get("CAO_PROVIDER_INIT_TIMEOUT") or 60)
-
-    def _window_env(self, terminal_id):
-        env = {k: v for k, v in os.environ.items() if k.startswith("CAO_")}
-        env.update({k: os.environ[k] for k in WINDOW_ENV_KEYS if k in os.environ})
-        env.update(CAO_TERMINAL_ID=terminal_id, CAO_HOME_DIR=str(self.home),
-                   CAO_API_HOST=self.host, CAO_API_PORT=str(self.port))
-        return env
 
     def _deliver_initial(self, terminal_id, message):
         """Send a new terminal its first message once it is ready; the outcome is kept
@@ -5068,15 +5107,16 @@ class App:
         self.tracker = StatusTracker(store, self.bus, self.live, self.watcher,
                                      gone=lambda terminal_id, why: self.terminals.forget(terminal_id, why))
         self.typist = TerminalInput(store, self.live, self.watcher, self.tracker)
+        self.launcher = Launcher(home, host, port)
         self.terminals = Terminals(store, self.bus, self.live, self.watcher, self.tracker,
-                                   self.typist, host, port)
+                                   self.typist, self.launcher)
         self.sessions = Sessions(store, self.terminals)
         self.inbox = Inbox(store, self.bus, self.tracker, self.terminals, self.typist)
         self.handoffs = Handoffs(store, self.terminals, self.typist, self.tracker)
         self.memory = MemoryStore(store)
         self.typist.first_input = self.memory.preface
         self.skills = SkillStore(ensure_home() / "skills")
-        self.terminals.launch_hooks.append(self.skills.deliver)
+        self.launcher.hooks.append(self.skills.deliver)
         self.flows = Flows(store, self.sessions)
         self.plugins = Plugins(store)
 
@@ -6216,11 +6256,40 @@ def _demo_audit(path, text, reader):
                             "busy_input": busy_input, "t": time.time()}) + "\n")
 
 
-def run_demo_agent(profile):
+class DemoConversation:
+    """The demo agent's turns, one JSON line each, kept under its id as real CLIs keep
+    theirs, so `--resume ID` continues it: the old turns are drawn again and /history
+    lists them."""
+
+    def __init__(self, conversation_id):
+        self.path = None
+        if conversation_id:
+            check_conversation_id(conversation_id)
+            folder = Path(os.environ.get("CAO_HOME_DIR") or cao_home()) / "demo-conversations"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / f"{conversation_id}.jsonl"
+
+    def turns(self):
+        if not self.path or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def add(self, text, answer):
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"input": text, "answer": answer}) + "\n")
+
+    def history(self):
+        inputs = [(t["input"].strip().split("\n") or [""])[0] for t in self.turns()]
+        return f"done: history ({len(inputs)}): " + " | ".join(inputs)
+
+
+def run_demo_agent(profile, session_id=None, resume=None):
     import termios
     import tty
     delay = float(os.environ.get("CAO_DEMO_DELAY", "0.3") or 0)
     audit = os.environ.get("CAO_DEMO_LOG")
+    conversation = DemoConversation(resume or session_id)
     interactive = os.isatty(0)
     saved = termios.tcgetattr(0) if interactive else None
     out = sys.stdout
@@ -6229,6 +6298,12 @@ def run_demo_agent(profile):
         out.write("\x1b[?2004h")
     reader = _DemoInput(0)
     out.write(f"cao demo agent (profile: {profile}). Type a message; Ctrl-D exits.\r\n")
+    if resume:
+        turns = conversation.turns()
+        out.write(f"resumed conversation {resume} ({len(turns)} earlier turns)\r\n")
+        for turn in turns[-10:]:
+            out.write(DEMO_PROMPT + turn["input"].replace("\n", "\u21b5") + "\r\n"
+                      + turn["answer"].replace("\n", "\r\n") + "\r\n")
     try:
         while True:
             out.write(DEMO_PROMPT)
@@ -6255,8 +6330,11 @@ def run_demo_agent(profile):
                 key = reader.key() if interactive else (sys.stdin.readline() or "n")[:1]
                 out.write(key + "\r\n")
                 answer = f"done: answered {key}"
+            elif text.strip() == "/history":
+                answer = conversation.history()
             else:
                 answer = demo_answer(text)
+            conversation.add(text, answer)
             if audit:
                 _demo_audit(audit, text, reader)
             out.write("\r\x1b[K" + answer.replace("\n", "\r\n") + "\r\n")
@@ -7039,9 +7117,9 @@ def cmd_hook(args):
 
 
 @command("demo-agent", "run the demo agent (used by the demo provider)",
-         option("--profile", default="demo"))
+         option("--profile", default="demo"), option("--session-id"), option("--resume"))
 def cmd_demo_agent(args):
-    return run_demo_agent(args.profile)
+    return run_demo_agent(args.profile, args.session_id, args.resume)
 
 
 # -- the parser and entry points ---------------------------------------------------
@@ -7163,6 +7241,8 @@ PROVIDERS = {
     "demo": {
         "description": "built-in demo agent: answers 'done: <first line>' after CAO_DEMO_DELAY s",
         "command": ["{cao}", "demo-agent", "--profile", "{profile}"],
+        "args": {"new_conversation": ["--session-id", "{conversation_id}"],
+                 "resume": ["--resume", "{conversation_id}"]},
         # The demo reads no instructions; the file shows what a real CLI would be given.
         "files": {"system-prompt.md": {"when": "system_prompt", "value": "{system_prompt}"}},
         "status": [
