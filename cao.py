@@ -1124,6 +1124,11 @@ class Client:
     def exit_terminal(self, terminal_id):
         return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/exit")
 
+    def resume(self, session_name=None):
+        path = f"/sessions/{session_name_for(session_name)}/resume" if session_name \
+            else "/sessions/resume"
+        return self.call("POST", path, timeout=600)
+
     def signal(self, terminal_id, status):
         return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/signal",
                          body={"status": status}, timeout=5)
@@ -2572,6 +2577,13 @@ def terminal_row(store, terminal_id):
     return row
 
 
+def _lost_json(lost):
+    if not lost:
+        return None
+    lost = json.loads(lost)
+    return {"since": _iso(lost["at"]), "reason": lost["reason"]}
+
+
 def _live(live, terminal_id):
     term = live.get(terminal_id)
     if term is None:
@@ -2701,6 +2713,11 @@ class StatusTracker:
                 tmux_keys(pane_id, key)
         self.watcher.poke(term.id)
         return True
+
+    def resume(self, session_name=None):
+        path = f"/sessions/{session_name_for(session_name)}/resume" if session_name \
+            else "/sessions/resume"
+        return self.call("POST", path, timeout=600)
 
     def signal(self, terminal_id, status):
         """A state the CLI reported itself (Claude Code hook, Codex notify)."""
@@ -3007,19 +3024,11 @@ class Terminals:
         self.tracker, self.typist, self.launcher = tracker, typist, launcher
         self.home = launcher.home
 
-    def recover(self):
-        """Take back the terminals whose windows outlived a server restart."""
-        panes = tmux_list_panes()
-        for row in self.store.query("SELECT * FROM terminals"):
-            pane = panes.get(row["pane_id"] or "")
-            if pane and pane["session"] == row["session_name"]:
-                # The saved status may be stale; the first screen read sets the real one.
-                self.live[row["id"]] = Terminal(row["id"])
-                self.watcher.add(row["id"], row["pane_id"])
-            else:
-                self.forget(row["id"], "its tmux window is gone")
-        self.store.execute("DELETE FROM sessions WHERE name NOT IN "
-                           "(SELECT DISTINCT session_name FROM terminals)")
+    def adopt(self, terminal_id, pane_id):
+        """Follow a terminal's window (new, or one that outlived a server restart: its
+        saved status may be stale, and the first screen read sets the real one)."""
+        self.live[terminal_id] = Terminal(terminal_id)
+        self.watcher.add(terminal_id, pane_id)
 
     # -- lookups -----------------------------------------------------------
     def row(self, terminal_id):
@@ -3039,7 +3048,9 @@ class Terminals:
                 "initial_delivery": json.loads(row["initial_delivery"])
                 if row["initial_delivery"] else None,
                 "worktree": json.loads(row["worktree"])["path"] if row["worktree"] else None,
-                "last_active": _iso(row["last_active"])}
+                "last_active": _iso(row["last_active"]),
+                "conversation_id": row["conversation_id"], "resumed": row["resumed"],
+                "lost": _lost_json(row["lost"])}
 
     def get(self, terminal_id):
         return self.to_json(self.row(terminal_id))
@@ -3153,8 +3164,10 @@ class Terminals:
     # -- creation ----------------------------------------------------------
     def create(self, session_name, agent_profile, provider=None, working_directory=None,
                allowed_tools=None, caller_id=None, new_session=False, initial_message=None,
-               model=None, description=None, use_worktree=False, env_vars=None):
-        """env_vars (new sessions only) reach this terminal and every later one of the session."""
+               model=None, description=None, use_worktree=False, env_vars=None,
+               resume_conversation=None):
+        """env_vars (new sessions only) reach this terminal and every later one of the
+        session. resume_conversation: the CLI continues that conversation of its own."""
         profile = load_profile(agent_profile)
         model = check_model(model) if model is not None else profile.get("model")
         description = check_description(description)
@@ -3188,6 +3201,12 @@ class Terminals:
         session_env = check_env_vars(env_vars) if new_session else \
             json.loads(session["env_vars"] or "{}")
         conversation = str(uuid.uuid4()) if "new_conversation" in spec.get("args", {}) else None
+        if resume_conversation is not None:
+            check_conversation_id(resume_conversation)
+            if "resume" not in spec.get("args", {}):
+                raise CaoError(f"provider {provider} cannot resume a conversation by id; drop "
+                               "resume_session_id or pick a provider that can (docs/resume.md)")
+            conversation = resume_conversation
         now = time.time()
         if new_session:
             self.store.execute("INSERT INTO sessions(name, working_directory, agent_profile,"
@@ -3205,7 +3224,8 @@ class Terminals:
              json.dumps({"state": "pending"}) if initial_message else None, conversation))
         try:
             env = {**session_env, **self.launcher.window_env(terminal_id)}
-            pane_id = self.launcher.spawn(spec, profile, self.row(terminal_id), env, new_session)
+            pane_id = self.launcher.spawn(spec, profile, self.row(terminal_id), env, new_session,
+                                          resume=resume_conversation)
         except CaoError:
             self.store.execute("DELETE FROM terminals WHERE id = ?", (terminal_id,))
             if new_session:
@@ -3215,8 +3235,7 @@ class Terminals:
             shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
             raise
         self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane_id, terminal_id))
-        self.live[terminal_id] = Terminal(terminal_id)
-        self.watcher.add(terminal_id, pane_id)
+        self.adopt(terminal_id, pane_id)
         if new_session:
             self.store.emit("session_created", session_name)
         self.store.emit("terminal_created", session_name, terminal_id,
@@ -3226,14 +3245,15 @@ class Terminals:
                              args=(terminal_id, initial_message)).start()
         else:
             try:
-                self.tracker.wait_ready(terminal_id, self._init_timeout(profile))
+                self.tracker.wait_ready(terminal_id, self.init_timeout(profile))
             except NeedsLogin:
                 self.delete(terminal_id)  # a login screen left behind helps nobody
                 raise
         return self.get(terminal_id)
 
-    def _init_timeout(self, profile):
-        value = profile.get("provider_init_timeout") or load_settings().get("provider_init_timeout")
+    def init_timeout(self, profile):
+        value = (profile or {}).get("provider_init_timeout") or \
+            load_settings().get("provider_init_timeout")
         return float(value or os.environ.get("CAO_PROVIDER_INIT_TIMEOUT") or 60)
 
     def _deliver_initial(self, terminal_id, message):
@@ -3275,9 +3295,11 @@ class Terminals:
 
     def delete(self, terminal_id):
         row = self.row(terminal_id)
-        self._snapshot(row)
-        self.watcher.remove(terminal_id)
-        tmux("kill-pane", "-t", row["pane_id"], check=False)
+        if row["pane_id"]:  # a lost terminal has no window left
+            self._snapshot(row)
+            self.watcher.remove(terminal_id)
+            self.live.pop(terminal_id, None)  # its window closing is no news now
+            tmux("kill-pane", "-t", row["pane_id"], check=False)
         self.forget(terminal_id, "deleted")
 
     def forget(self, terminal_id, reason):
@@ -3321,8 +3343,10 @@ class Sessions:
 
     def _to_json(self, row):
         attached = self._attached().get(row["name"], 0)
+        lost = self.store.one(
+            "SELECT 1 AS x FROM terminals WHERE session_name = ? AND lost IS NOT NULL", (row["name"],))
         return {"id": row["name"], "name": row["name"],
-                "status": "active" if attached else "detached",
+                "status": "lost" if lost else "active" if attached else "detached",
                 "working_directory": row["working_directory"],
                 "agent_profile": row["agent_profile"]}
 
@@ -3338,7 +3362,7 @@ class Sessions:
 
     def create(self, agent_profile, provider=None, session_name=None, working_directory=None,
                allowed_tools=None, initial_message=None, model=None, use_worktree=False,
-               env_vars=None):
+               env_vars=None, resume_conversation=None):
         name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
         if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
                 name in tmux_sessions():
@@ -3347,7 +3371,8 @@ class Sessions:
         return self.terminals.create(name, agent_profile, provider, working_directory,
                                      allowed_tools, new_session=True,
                                      initial_message=initial_message, model=model,
-                                     use_worktree=use_worktree, env_vars=check_env_vars(env_vars))
+                                     use_worktree=use_worktree, env_vars=check_env_vars(env_vars),
+                                     resume_conversation=resume_conversation)
 
     def delete(self, name):
         name = self.get(name)["session"]["name"]
@@ -3467,6 +3492,11 @@ class Inbox:
                 "SELECT 1 AS x FROM inbox WHERE receiver_id = ? AND status = 'queued'", (receiver_id,)):
             self.kick(receiver_id)
 
+    def _tmux_died_under(self, receiver_id):
+        row = self.store.one("SELECT session_name, lost FROM terminals WHERE id = ?",
+                             (receiver_id,))
+        return bool(row) and (bool(row["lost"]) or row["session_name"] not in tmux_sessions())
+
     def _set_rows(self, ids, status, reason=None):
         marks = ",".join("?" * len(ids))
         delivered = time.time() if status == "delivered" else None
@@ -3500,10 +3530,15 @@ class Inbox:
             buffer = f"cao-msg-{ids[0]}"
             try:
                 self.typist.send(receiver_id, "\n".join(r["message"] for r in batch), buffer)
-            except NotFound:
-                self._set_rows(ids, "failed", f"receiver {receiver_id} no longer exists")
-                return
             except CaoError as e:
+                if self._tmux_died_under(receiver_id):
+                    # The receiver comes back with `cao session resume`; its messages wait.
+                    self._set_rows(ids, "queued", f"re-queued: tmux died while it was "
+                                                  f"delivered ({e})")
+                    return
+                if isinstance(e, NotFound):
+                    self._set_rows(ids, "failed", f"receiver {receiver_id} no longer exists")
+                    return
                 self._set_rows(ids, "failed", str(e))
                 self.store.emit("message_failed", None, receiver_id, message_ids=ids, reason=str(e))
                 return
@@ -3522,16 +3557,40 @@ class Handoffs:
     its result is kept under it, so an answer that comes after the caller stopped
     waiting is not lost: get_handoff_result fetches it later."""
 
-    def __init__(self, store, terminals, typist, tracker):
+    def __init__(self, store, bus, terminals, typist, tracker, inbox):
         self.store, self.terminals, self.typist, self.tracker = store, terminals, typist, tracker
+        self.inbox = inbox
+        bus.subscribe("terminal_lost", self._on_lost)
 
     def recover(self):
         """Jobs a restart interrupted: follow the ones whose worker is still there."""
         for job in self.store.query("SELECT * FROM handoff_jobs WHERE state = 'running'"):
-            if job["terminal_id"] and self.tracker.status(job["terminal_id"]):
+            worker = job["terminal_id"] and self.store.one(
+                "SELECT lost FROM terminals WHERE id = ?", (job["terminal_id"],))
+            if worker and worker["lost"]:
+                self._lost(job, json.loads(worker["lost"])["reason"])
+            elif job["terminal_id"] and self.tracker.status(job["terminal_id"]):
                 self._follow(job["job_id"], job["terminal_id"], teardown=False)
             else:
                 self._finish(job["job_id"], "error", error="the worker was gone after a server restart")
+
+    def _on_lost(self, terminal_id, reason):
+        for job in self.store.query("SELECT * FROM handoff_jobs WHERE state = 'running'"
+                                    " AND terminal_id = ?", (terminal_id,)):
+            self._lost(job, reason)
+
+    def _lost(self, job, reason):
+        """The worker of a running handoff died with tmux: the job fails, and its caller,
+        whose own tool call most likely died too, hears it in its inbox."""
+        error = (f"worker {job['terminal_id']} was lost before it answered ({reason}); "
+                 f"`cao session resume` brings it back with its conversation, so ask it "
+                 "again with send_message, or hand the task off anew")
+        if self._finish(job["job_id"], "error", error=error) and job["caller_id"]:
+            try:
+                self.inbox.post("cao", job["caller_id"], f"[cao] Your handoff to "
+                                f"{job['agent_profile']} (job {job['job_id']}) failed: {error}")
+            except CaoError:
+                pass  # the caller is gone as well; the job keeps the error
 
     def result(self, job_id):
         job = self.store.one("SELECT * FROM handoff_jobs WHERE job_id = ?", (_job_id(job_id),))
@@ -3581,8 +3640,10 @@ class Handoffs:
         self._follow(job_id, wid, teardown=False)  # kept for inspection; its answer still counts
         if status == "error" or status is None:
             why = status and login_problem(worker["provider"], self.tracker.screen(wid))
-            raise StepFailed(502, "error", f"worker {wid} " + (why or "exited before answering"),
-                             terminal_id=wid, job_id=job_id)
+            job = self.store.one("SELECT error_message FROM handoff_jobs WHERE job_id = ?",
+                                 (job_id,))
+            raise StepFailed(502, "error", job["error_message"] or f"worker {wid} " +
+                             (why or "exited before answering"), terminal_id=wid, job_id=job_id)
         if status == "waiting_user_answer":
             raise StepFailed(502, "error", f"worker {wid} is waiting for an answer to its own "
                              "question (answer it with answer_user_prompt); it is kept",
@@ -3654,9 +3715,11 @@ class Handoffs:
         threading.Thread(target=follow, daemon=True, name=f"handoff-{job_id[:8]}").start()
 
     def _finish(self, job_id, state, answer=None, error=None):
-        self.store.execute("UPDATE handoff_jobs SET state = ?, last_message = ?, error_message = ?,"
-                           " finished_at = ? WHERE job_id = ? AND state = 'running'",
-                           (state, answer, error, time.time(), job_id))
+        """End a running job; False if it had ended already."""
+        return bool(self.store.execute(
+            "UPDATE handoff_jobs SET state = ?, last_message = ?, error_message = ?,"
+            " finished_at = ? WHERE job_id = ? AND state = 'running'",
+            (state, answer, error, time.time(), job_id)))
 
 
 def _job_id(job_id):
@@ -3933,6 +3996,127 @@ def ops_shutdown_session(session_name: str) -> dict:
     result = Client().delete_session(session_name)
     return {"success": True, "message": f"Session {session_name} shut down", **result}
 
+
+
+###############################################################################
+# Resume ######################################################################
+###############################################################################
+
+# When tmux dies (its server killed, the machine rebooted) the agents go with it, but
+# their records stay: each terminal is marked lost, keeps its id, profile, role,
+# restrictions, inbox and links to its caller, and comes back in a window of the same
+# name with its CLI's conversation resumed (`resume` args in its provider entry).
+
+
+class Resumer:
+    """Marks terminals whose tmux session died as lost, and brings lost sessions back."""
+
+    def __init__(self, store, bus, live, watcher, tracker, terminals, launcher):
+        self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
+        self.tracker, self.terminals, self.launcher = tracker, terminals, launcher
+        self.lock = threading.Lock()  # one resume at a time: two would race for the windows
+
+    def gone(self, terminal_id, why):
+        """A terminal's window vanished: lost if its whole tmux session went (tmux died;
+        it can come back), removed if only the window was closed."""
+        row = self.store.one("SELECT session_name FROM terminals WHERE id = ?", (terminal_id,))
+        if row and row["session_name"] not in tmux_sessions():
+            self.lose(terminal_id, "its tmux session ended (tmux server killed or machine "
+                                   "restarted)")
+        else:
+            self.terminals.forget(terminal_id, why)
+
+    def lose(self, terminal_id, why):
+        with self.store.lock:
+            row = self.store.one("SELECT session_name, lost FROM terminals WHERE id = ?",
+                                 (terminal_id,))
+            if not row or row["lost"]:
+                return
+            self.store.execute("UPDATE terminals SET lost = ?, status = 'error', pane_id = NULL"
+                               " WHERE id = ?", (json.dumps({"at": time.time(), "reason": why}),
+                                                 terminal_id))
+        self.watcher.remove(terminal_id)
+        self.live.pop(terminal_id, None)
+        self.store.emit("terminal_lost", row["session_name"], terminal_id, reason=why)
+        self.bus.publish("terminal_lost", terminal_id=terminal_id, reason=why)
+
+    def recover(self):
+        """At server start: take back the windows that outlived the server, mark the
+        terminals whose tmux session is gone as lost, forget closed windows."""
+        panes, sessions = tmux_list_panes(), tmux_sessions()
+        for row in self.store.query("SELECT * FROM terminals WHERE lost IS NULL"):
+            pane = panes.get(row["pane_id"] or "")
+            if pane and pane["session"] == row["session_name"]:
+                self.terminals.adopt(row["id"], row["pane_id"])
+            elif row["session_name"] in sessions:
+                self.terminals.forget(row["id"], "its tmux window was closed")
+            else:
+                self.lose(row["id"], "its tmux session was gone when cao-server started")
+        self.store.execute("DELETE FROM sessions WHERE name NOT IN "
+                           "(SELECT DISTINCT session_name FROM terminals)")
+
+    def lost_sessions(self):
+        return [r["session_name"] for r in self.store.query(
+            "SELECT session_name FROM terminals WHERE lost IS NOT NULL"
+            " GROUP BY session_name ORDER BY MIN(created_at)")]
+
+    def resume_all(self):
+        return {"sessions": [self.resume(name) for name in self.lost_sessions()]}
+
+    def resume(self, name, timeout=None):
+        """Start every lost terminal of session `name` again, each continuing its CLI's
+        conversation where its provider can, else fresh; then wait until they are ready."""
+        name = session_name_for(name)
+        session = self.store.one("SELECT * FROM sessions WHERE name = ?", (name,))
+        if not session:
+            raise NotFound(f"session {name} not found; list sessions with `cao session list`")
+        with self.lock:
+            rows = self.store.query("SELECT * FROM terminals WHERE session_name = ? AND lost IS"
+                                    " NOT NULL ORDER BY created_at, rowid", (name,))
+            session_env = json.loads(session["env_vars"] or "{}")
+            results, started = [], []
+            for row in rows:
+                try:
+                    mode = self._start(row, session_env, name not in tmux_sessions())
+                    started.append(row["id"])
+                    results.append({"terminal_id": row["id"], "resumed": mode})
+                except CaoError as e:
+                    reason = f"resume failed: {e}"
+                    self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
+                        {"at": time.time(), "reason": reason}), row["id"]))
+                    results.append({"terminal_id": row["id"], "resumed": "failed", "detail": str(e)})
+        deadline = time.monotonic() + (timeout or self.terminals.init_timeout(None))
+        for result in results:
+            if result["terminal_id"] in started:
+                try:
+                    self.tracker.wait_ready(result["terminal_id"],
+                                            max(0.0, deadline - time.monotonic()))
+                except CaoError as e:
+                    result["detail"] = str(e)
+                result["status"] = self.tracker.status(result["terminal_id"]) or "error"
+        return {"session_name": name, "terminals": results}
+
+    def _start(self, row, session_env, new_session):
+        spec = get_provider(row["provider"])
+        profile = load_profile(row["agent_profile"])
+        if not provider_installed(spec):
+            raise CaoError(f"provider {row['provider']} needs `{provider_binary(spec)}` on PATH")
+        prepare_first_run(row["provider"], spec)
+        args = spec.get("args", {})
+        conversation = row["conversation_id"] if "resume" in args else None
+        if not conversation:  # it starts a new conversation, under a new id if cao picks it
+            row = {**row, "conversation_id": str(uuid.uuid4()) if "new_conversation" in args
+                   else None}
+        env = {**session_env, **self.launcher.window_env(row["id"])}
+        pane_id = self.launcher.spawn(spec, profile, row, env, new_session, resume=conversation)
+        mode = "conversation" if conversation else "fresh"
+        self.store.execute("UPDATE terminals SET pane_id = ?, lost = NULL, resumed = ?,"
+                           " conversation_id = ?, status = 'unknown' WHERE id = ?",
+                           (pane_id, mode, row["conversation_id"], row["id"]))
+        self.terminals.adopt(row["id"], pane_id)
+        self.store.emit("terminal_resumed", row["session_name"], row["id"], resumed=mode,
+                        conversation_id=row["conversation_id"])
+        return mode
 
 
 ###############################################################################
@@ -5105,14 +5289,17 @@ class App:
         self.watcher = PaneWatcher(home / "fifos", home / "logs" / "terminal",
                                    lambda terminal_id: self.tracker.refresh(terminal_id))
         self.tracker = StatusTracker(store, self.bus, self.live, self.watcher,
-                                     gone=lambda terminal_id, why: self.terminals.forget(terminal_id, why))
+                                     gone=lambda terminal_id, why: self.resumer.gone(terminal_id, why))
         self.typist = TerminalInput(store, self.live, self.watcher, self.tracker)
         self.launcher = Launcher(home, host, port)
         self.terminals = Terminals(store, self.bus, self.live, self.watcher, self.tracker,
                                    self.typist, self.launcher)
         self.sessions = Sessions(store, self.terminals)
         self.inbox = Inbox(store, self.bus, self.tracker, self.terminals, self.typist)
-        self.handoffs = Handoffs(store, self.terminals, self.typist, self.tracker)
+        self.handoffs = Handoffs(store, self.bus, self.terminals, self.typist, self.tracker,
+                                 self.inbox)
+        self.resumer = Resumer(store, self.bus, self.live, self.watcher, self.tracker,
+                               self.terminals, self.launcher)
         self.memory = MemoryStore(store)
         self.typist.first_input = self.memory.preface
         self.skills = SkillStore(ensure_home() / "skills")
@@ -5122,12 +5309,20 @@ class App:
 
     def start(self):
         self.skills.seed()
-        self.terminals.recover()
+        self.resumer.recover()
         self.watcher.start()
         self.inbox.recover()
         self.handoffs.recover()
+        if load_settings().get("resume_on_start", True) is not False:
+            threading.Thread(target=self._resume_lost, daemon=True, name="cao-resume").start()
         self.plugins.start()
         self.flows.start()
+
+    def _resume_lost(self):
+        try:
+            self.resumer.resume_all()
+        except CaoError as e:
+            self.store.emit("resume_failed", reason=str(e))
 
     def stop(self):
         self.flows.stop()
@@ -5241,7 +5436,17 @@ def _create_session(app, req):
                                req.arg("session_name"), req.arg("working_directory"),
                                req.arg("allowed_tools", kinds=(str, list)), _initial_message(req),
                                req.arg("model"), req.flag("use_worktree"),
-                               req.arg("env_vars", kinds=(dict,)))
+                               req.arg("env_vars", kinds=(dict,)), req.arg("resume_session_id"))
+
+
+@route("POST", r"/sessions/resume")
+def _resume_all_sessions(app, req):
+    return app.resumer.resume_all()
+
+
+@route("POST", r"/sessions/(?P<name>[^/]+)/resume")
+def _resume_session(app, req):
+    return app.resumer.resume(req.params["name"])
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)")
@@ -6654,6 +6859,8 @@ def cmd_server(args):
          option("--allowed-tools", help="comma-separated tool allowlist"),
          option("--env", action="append", metavar="KEY=VALUE",
                 help="a variable for this session's agents (repeatable)"),
+         option("--resume-session-id", metavar="ID",
+                help="continue this conversation of the agent's CLI (docs/resume.md)"),
          option("--json", action="store_true",
                 help="with --headless MESSAGE: print the answer, terminal id, statuses seen "
                      "and durations as JSON (other output goes to stderr)"),
@@ -6677,7 +6884,8 @@ def cmd_launch(args):
     started = time.monotonic()
     term = client.create_session(
         agent_profile=args.agents, provider=args.provider, session_name=args.session_name,
-        env_vars=env_vars,
+        env_vars=env_vars, **({"resume_session_id": check_conversation_id(args.resume_session_id)}
+                              if args.resume_session_id else {}),
         allowed_tools="*" if args.yolo else args.allowed_tools,
         working_directory=resolve_working_directory(args.working_directory))
     session = term["session_name"]
@@ -6771,7 +6979,8 @@ def cmd_session_list(args):
         terms = client.session(s["name"])["terminals"]
         head = terms[0] if terms else {}
         rows.append({"session": s["name"], "conductor": head.get("id", "-"),
-                     "status": head.get("status", "-"), "terminals": len(terms),
+                     "status": "lost" if s["status"] == "lost" else head.get("status", "-"),
+                     "terminals": len(terms),
                      "agent_profile": head.get("agent_profile")})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -6782,6 +6991,36 @@ def cmd_session_list(args):
         for r in rows:
             print(f"{r['session']:<28} {r['conductor']:<10} {r['status']:<20} {r['terminals']}")
     return 0
+
+
+@command("session resume", "bring back a session whose tmux died, conversations and all",
+         option("session", nargs="?", help="the session's name"),
+         option("--all", action="store_true", help="every session with lost terminals"),
+         JSON_OUT)
+def cmd_session_resume(args):
+    if bool(args.session) == bool(args.all):
+        raise CaoError("name one session or give --all, e.g. `cao session resume --all`")
+    client = Client()
+    ensure_server(client)
+    sessions = client.resume(args.session)["sessions"] if args.all else [client.resume(args.session)]
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+    elif not sessions:
+        print("No session has lost terminals; nothing to resume.")
+    failed = 0
+    for session in sessions if not args.json else ():
+        if not session["terminals"]:
+            print(f"{session['session_name']}: nothing to resume (no terminal of it is lost)")
+        for term in session["terminals"]:
+            how = {"conversation": "conversation resumed", "fresh": "started fresh (its CLI "
+                   "cannot resume)", "failed": "failed"}[term["resumed"]]
+            detail = f": {term['detail']}" if term.get("detail") else ""
+            print(f"{session['session_name']} {term['terminal_id']}: {how}, status "
+                  f"{term.get('status', 'lost')}{detail}")
+    for session in sessions:
+        failed += sum(t["resumed"] == "failed" or t.get("status") == "error"
+                      for t in session["terminals"])
+    return 1 if failed else 0
 
 
 @command("session status", "conductor status and last output",

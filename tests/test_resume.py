@@ -1,0 +1,142 @@
+"""Resume after tmux dies: terminals are kept as lost, then come back with the same ids,
+windows, links and inbox, each CLI continuing its conversation (the demo agent keeps
+its turns under the conversation id, as real CLIs do)."""
+import json
+import signal
+import threading
+
+import pytest
+
+from conftest import ask, demo_session, kill_pid, wait_for
+
+pytest.importorskip("mcp")
+
+
+def _terminal(env, tid):
+    return env.request("GET", f"/terminals/{tid}")[1]
+
+
+def _kill_tmux(env):
+    pids = env.tmux_pids()
+    env.tmux("kill-server")
+    return pids
+
+
+def _lost(env, *tids):
+    wait_for(lambda: all(_terminal(env, t)["lost"] for t in tids), 15, what="terminals lost")
+
+
+def test_a_session_whose_tmux_died_comes_back_whole(server):
+    sup = demo_session(server, "whole", "code_supervisor")
+    code, worker = server.request("POST", "/sessions/cao-whole/terminals",
+                                  {"agent_profile": "reviewer", "provider": "demo",
+                                   "caller_id": sup})
+    assert code == 201, worker
+    assert ask(server, sup, "first turn") == "done: first turn"
+    assert ask(server, worker["id"], "review the parser") == "done: review the parser"
+    before = {t["id"]: t for t in server.request("GET", "/sessions/cao-whole")[1]["terminals"]}
+    assert all(t["conversation_id"] for t in before.values())
+
+    _kill_tmux(server)
+    _lost(server, sup, worker["id"])
+    term = _terminal(server, sup)
+    assert term["status"] == "error" and "tmux session ended" in term["lost"]["reason"]
+    assert server.request("GET", "/sessions")[1][0]["status"] == "lost"
+    # A message for a lost terminal waits for it.
+    code, queued = server.request("POST", f"/terminals/{sup}/inbox/messages",
+                                  {"sender_id": worker["id"], "message": "while you were out"})
+    assert code == 200, queued
+
+    done = server.run("session", "resume", "whole", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("conversation resumed") == 2, done.stdout
+    after = {t["id"]: t for t in server.request("GET", "/sessions/cao-whole")[1]["terminals"]}
+    assert set(after) == set(before)
+    for tid, old in before.items():
+        new = after[tid]
+        for key in ("name", "agent_profile", "provider", "caller_id", "allowed_tools",
+                    "working_directory", "conversation_id"):
+            assert new[key] == old[key], key
+        assert new["lost"] is None and new["resumed"] == "conversation"
+    windows = server.tmux("list-windows", "-t", "=cao-whole", "-F", "#{window_name}").stdout.split()
+    assert sorted(windows) == sorted(t["name"] for t in before.values())
+    wait_for(lambda: [m["status"] for m in server.request(
+        "GET", f"/terminals/{sup}/inbox/messages")[1]] == ["delivered"], 30,
+        what="the message queued while lost, delivered after resume")
+    wait_for(lambda: _terminal(server, sup)["status"] == "completed", 15, what="its answer")
+    assert ask(server, sup, "/history") == "done: history (2): first turn | while you were out"
+    assert ask(server, worker["id"], "/history") == "done: history (1): review the parser"
+
+
+def test_a_server_start_resumes_sessions_whose_tmux_is_gone(cao_env):
+    proc = cao_env.start_server()
+    tid = demo_session(cao_env, "boot")
+    assert ask(cao_env, tid, "remember this") == "done: remember this"
+    kill_pid(proc.pid, signal.SIGKILL)
+    _kill_tmux(cao_env)
+    cao_env.start_server()
+    wait_for(lambda: _terminal(cao_env, tid)["resumed"] == "conversation"
+             and _terminal(cao_env, tid)["status"] in ("idle", "completed"), 30,
+             what="the terminal resumed at server start")
+    assert ask(cao_env, tid, "/history") == "done: history (1): remember this"
+    kinds = [e["kind"] for e in cao_env.request("GET", "/events?after=0")[1]["events"]]
+    assert "terminal_lost" in kinds and "terminal_resumed" in kinds
+
+
+def test_a_handoff_cut_by_tmux_dying_fails_clearly_and_tells_its_caller(cao_env):
+    cao_env.env["CAO_DEMO_DELAY"] = "30"
+    cao_env.start_server()
+    sup = demo_session(cao_env, "cut", "code_supervisor")
+    job = "ab" * 16
+    result = {}
+
+    def run_step():
+        result["answer"] = cao_env.request("POST", "/terminals/run-step", {
+            "agent": "developer", "prompt": "a long task", "provider": "demo",
+            "session_name": "cao-cut", "caller_id": sup, "job_id": job}, timeout=120)
+    thread = threading.Thread(target=run_step)
+    thread.start()
+    worker = wait_for(lambda: next((t["id"] for t in cao_env.request(
+        "GET", "/sessions/cao-cut")[1]["terminals"] if t["id"] != sup
+        and t["status"] == "processing"), None), 30, what="the worker at work")
+    _kill_tmux(cao_env)
+    thread.join(60)
+    code, body = result["answer"]
+    assert code == 502 and f"worker {worker} was lost before it answered" in body["detail"]["message"], body
+    state = cao_env.request("GET", f"/handoff-results/{job}")[1]
+    inbox = cao_env.request("GET", f"/terminals/{sup}/inbox/messages")[1]
+    assert len(inbox) == 1 and inbox[0]["sender_id"] == "cao" and inbox[0]["status"] == "queued"
+    assert f"(job {job}) failed: worker {worker} was lost" in inbox[0]["message"]
+    assert state["state"] == "error" and "was lost" in state["error_message"]
+
+
+def test_resume_session_id_starts_a_cli_on_an_earlier_conversation(server):
+    tid = demo_session(server, "first")
+    assert ask(server, tid, "the first session's turn") == "done: the first session's turn"
+    conversation = _terminal(server, tid)["conversation_id"]
+    done = server.run("launch", "--agents", "developer", "--provider", "demo", "--headless",
+                      "--session-name", "second", "--resume-session-id", conversation,
+                      "/history", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "history (1): the first session's turn" in done.stdout
+
+
+@pytest.mark.parametrize("body, fix", [
+    ({"resume_session_id": "--help"}, "invalid conversation id"),
+    ({"resume_session_id": "a/b"}, "invalid conversation id"),
+])
+def test_a_bad_resume_session_id_is_a_400(server, body, fix):
+    code, answer = server.request("POST", "/sessions?agent_profile=developer&provider=demo",
+                                  body)
+    assert code == 400 and fix in answer["detail"]
+
+
+def test_resume_of_nothing_and_of_an_unknown_session(server):
+    demo_session(server, "alive")
+    done = server.run("session", "resume", "alive")
+    assert done.returncode == 0 and "nothing to resume" in done.stdout
+    done = server.run("session", "resume", "nope")
+    assert done.returncode != 0 and "session cao-nope not found" in done.stderr
+    done = server.run("session", "resume")
+    assert done.returncode != 0 and "--all" in done.stderr
+    assert json.loads(server.run("session", "resume", "--all", "--json").stdout) == []
