@@ -108,6 +108,11 @@ class TooLarge(CaoError):
     status = 413
 
 
+class AtCapacity(CaoError):
+    """A fleet limit from settings.json leaves no room for another agent."""
+    status = 429
+
+
 class TmuxError(CaoError):
     status = 503
 
@@ -1129,9 +1134,10 @@ class Client:
             else "/sessions/resume"
         return self.call("POST", path, timeout=600)
 
-    def signal(self, terminal_id, status):
+    def signal(self, terminal_id, status, conversation_id=None):
+        body = {"status": status, **({"conversation_id": conversation_id} if conversation_id else {})}
         return self.call("POST", f"/terminals/{check_terminal_id(terminal_id)}/signal",
-                         body={"status": status}, timeout=5)
+                         body=body, timeout=5)
 
     def working_directory(self, terminal_id):
         return self.call("GET", f"/terminals/{check_terminal_id(terminal_id)}/working-directory"
@@ -2350,6 +2356,11 @@ class PaneWatcher(threading.Thread):
         pane = self.panes.get(terminal_id)
         return pane.outputs if pane else 0
 
+    def quiet_for(self, terminal_id):
+        """Seconds since the pane last printed (0 for a pane not followed)."""
+        pane = self.panes.get(terminal_id)
+        return time.monotonic() - pane.last_output if pane and pane.last_output else 0.0
+
     def wait_settled(self, terminal_id, after_count, quiet=0.08, timeout=1.0):
         """Wait until the pane printed something after after_count and then went quiet."""
         return bool(self.wait_any_settled({terminal_id: after_count}, quiet, timeout))
@@ -2940,6 +2951,102 @@ class TerminalInput:
             tmux_keys(row["pane_id"], "Enter")
 
 
+FLEET_WAIT = 300.0  # s a new terminal waits for room under the fleet's limits
+
+
+class Capacity:
+    """The fleet's limits in settings.json: `max_agents` (terminals at once) and
+    `max_agents_memory_mb` (what the agents' processes hold together). A new terminal
+    beyond them waits for room, or fails at once when its caller asked not to wait;
+    either way the error names the limit."""
+
+    def __init__(self, store):
+        self.store = store
+        self.lock = threading.Lock()
+        self.reserved = 0  # admitted terminals whose rows are not written yet
+
+    def usage(self):
+        settings = load_settings()
+        agents = self.store.one("SELECT COUNT(*) AS n FROM terminals WHERE lost IS NULL")["n"]
+        usage = {"agents": agents + self.reserved, "max_agents": settings.get("max_agents"),
+                 "max_agents_memory_mb": settings.get("max_agents_memory_mb")}
+        if usage["max_agents_memory_mb"] is not None:
+            usage["agents_memory_mb"] = round(agents_memory_bytes() / 2**20, 1)
+        return usage
+
+    def _problem(self):
+        usage = self.usage()
+        for key, used in (("max_agents", "agents"), ("max_agents_memory_mb", "agents_memory_mb")):
+            limit = usage[key]
+            if limit is None:
+                continue
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+                raise ConfigError(f"settings.json: {key} must be a number above 0, not "
+                                  f"{limit!r}; fix it or remove it")
+            if usage[used] >= limit:
+                what = "agents run" if used == "agents" else "MiB are held by the agents"
+                return f"{usage[used]:g} {what} and {key} in settings.json is {limit:g}"
+        return None
+
+    def admit(self, wait=True):
+        """Hold a place for one new terminal until its row is written; returns the
+        release function (it may be called more than once)."""
+        deadline = time.monotonic() + FLEET_WAIT
+        while True:
+            with self.lock:
+                problem = self._problem()
+                if problem is None:
+                    self.reserved += 1
+                    held = [True]
+
+                    def release():
+                        with self.lock:
+                            if held.pop() if held else False:
+                                self.reserved -= 1
+                    return release
+            if not wait or time.monotonic() >= deadline:
+                raise AtCapacity(f"fleet limit reached: {problem}; delete a terminal, raise the "
+                                 "limit or try again later" + ("" if not wait else
+                                 f" (waited {FLEET_WAIT:g} s)"))
+            self.store.wait_until(lambda: False, 1.0)  # room comes when a terminal goes
+
+
+def agents_memory_bytes():
+    """Resident memory of every process in cao's tmux panes, children included."""
+    roots = [int(p) for p in tmux("list-panes", "-a", "-F", "#{pane_pid}", check=False).split()
+             if p.isdigit()]
+    return sum(rss for rss, _ in process_trees(roots).values())
+
+
+def process_trees(roots):
+    """{root pid: (resident bytes, CPU ticks)} of each process tree, from /proc."""
+    children, own = {}, {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+        own[int(entry)] = (rss, int(fields[11]) + int(fields[12]))  # utime + stime
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    totals = {}
+    for root in roots:
+        rss = ticks = 0
+        todo = [root]
+        while todo:
+            pid = todo.pop()
+            r, t = own.get(pid, (0, 0))
+            rss, ticks = rss + r, ticks + t
+            todo.extend(children.get(pid, ()))
+        totals[root] = (rss, ticks)
+    return totals
+
+
 class Launcher:
     """Starts a terminal's CLI in its tmux window from the terminal's record: argv,
     environment and files from the provider entry. Used for a new terminal and for
@@ -3019,9 +3126,10 @@ class Terminals:
     Creating one launches its CLI from the provider entry; deleting one saves its
     scrollback first."""
 
-    def __init__(self, store, bus, live, watcher, tracker, typist, launcher):
+    def __init__(self, store, bus, live, watcher, tracker, typist, launcher, capacity):
         self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
         self.tracker, self.typist, self.launcher = tracker, typist, launcher
+        self.capacity = capacity
         self.home = launcher.home
 
     def adopt(self, terminal_id, pane_id):
@@ -3165,9 +3273,22 @@ class Terminals:
     def create(self, session_name, agent_profile, provider=None, working_directory=None,
                allowed_tools=None, caller_id=None, new_session=False, initial_message=None,
                model=None, description=None, use_worktree=False, env_vars=None,
-               resume_conversation=None):
+               resume_conversation=None, wait_for_room=True):
         """env_vars (new sessions only) reach this terminal and every later one of the
-        session. resume_conversation: the CLI continues that conversation of its own."""
+        session. resume_conversation: the CLI continues that conversation of its own.
+        Beyond the fleet's limits it waits for room, or fails at once without
+        wait_for_room."""
+        release = self.capacity.admit(wait_for_room)
+        try:
+            return self._create(session_name, agent_profile, provider, working_directory,
+                                allowed_tools, caller_id, new_session, initial_message, model,
+                                description, use_worktree, env_vars, resume_conversation, release)
+        finally:
+            release()
+
+    def _create(self, session_name, agent_profile, provider, working_directory, allowed_tools,
+                caller_id, new_session, initial_message, model, description, use_worktree,
+                env_vars, resume_conversation, release):
         profile = load_profile(agent_profile)
         model = check_model(model) if model is not None else profile.get("model")
         description = check_description(description)
@@ -3222,6 +3343,7 @@ class Terminals:
              json.dumps(tools) if tools else None, caller_id, "unknown", now, now,
              model, description, json.dumps(worktree) if worktree else None,
              json.dumps({"state": "pending"}) if initial_message else None, conversation))
+        release()  # the row holds the place now
         try:
             env = {**session_env, **self.launcher.window_env(terminal_id)}
             pane_id = self.launcher.spawn(spec, profile, self.row(terminal_id), env, new_session,
@@ -3362,7 +3484,7 @@ class Sessions:
 
     def create(self, agent_profile, provider=None, session_name=None, working_directory=None,
                allowed_tools=None, initial_message=None, model=None, use_worktree=False,
-               env_vars=None, resume_conversation=None):
+               env_vars=None, resume_conversation=None, wait_for_room=True):
         name = session_name_for(uuid.uuid4().hex[:8] if session_name is None else session_name)
         if self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)) or \
                 name in tmux_sessions():
@@ -3372,7 +3494,8 @@ class Sessions:
                                      allowed_tools, new_session=True,
                                      initial_message=initial_message, model=model,
                                      use_worktree=use_worktree, env_vars=check_env_vars(env_vars),
-                                     resume_conversation=resume_conversation)
+                                     resume_conversation=resume_conversation,
+                                     wait_for_room=wait_for_room)
 
     def delete(self, name):
         name = self.get(name)["session"]["name"]
@@ -4055,6 +4178,12 @@ class Resumer:
         self.store.execute("DELETE FROM sessions WHERE name NOT IN "
                            "(SELECT DISTINCT session_name FROM terminals)")
 
+    def learn(self, terminal_id, conversation_id):
+        """The conversation a CLI reported from its hooks: resume continues that one
+        (it changes when a person starts a new conversation in the CLI)."""
+        self.store.execute("UPDATE terminals SET conversation_id = ? WHERE id = ?",
+                           (check_conversation_id(conversation_id), terminal_id))
+
     def lost_sessions(self):
         return [r["session_name"] for r in self.store.query(
             "SELECT session_name FROM terminals WHERE lost IS NOT NULL"
@@ -4117,6 +4246,91 @@ class Resumer:
         self.store.emit("terminal_resumed", row["session_name"], row["id"], resumed=mode,
                         conversation_id=row["conversation_id"])
         return mode
+
+
+HUNG_CHECK = 10.0    # s between looks for agents that stopped printing
+HUNG_AFTER = 1800.0  # s of no output and no CPU after which a busy agent counts as hung
+
+
+class Watchdog(threading.Thread):
+    """Tells a worker's caller, once, that the worker stopped: its CLI exited, it sits
+    at an error screen, or it has printed nothing for `hung_after` s (settings.json)
+    while its processes used no CPU. It never stops or deletes an agent, so one that
+    is slow but printing or computing is left alone."""
+
+    def __init__(self, store, bus, live, watcher, tracker, inbox):
+        super().__init__(name="cao-watchdog", daemon=True)
+        self.store, self.live, self.watcher, self.tracker, self.inbox = \
+            store, live, watcher, tracker, inbox
+        self.told = set()  # terminals whose caller heard of this stop
+        self.ticks = {}    # terminal id -> CPU ticks of its processes at the last look
+        self.stopping = threading.Event()
+        bus.subscribe("status", self._on_status)
+
+    def _on_status(self, terminal_id, status):
+        if status == "error":
+            self._report(terminal_id, self._why(terminal_id))
+        else:
+            self.told.discard(terminal_id)
+
+    def _why(self, terminal_id):
+        row = self.store.one("SELECT pane_id, provider FROM terminals WHERE id = ?", (terminal_id,))
+        state = tmux_capture_state(row["pane_id"]) if row and row["pane_id"] else None
+        if not state:
+            return "its window is gone"
+        tail = " | ".join(_screen_tail(state[0], 3).split("\n")) or "(empty)"
+        if state[1]:
+            return f"its CLI exited; its screen ends: {tail}"
+        return login_problem(row["provider"], state[0]) or f"it shows an error: {tail}"
+
+    def _report(self, terminal_id, reason):
+        if terminal_id in self.told:
+            return
+        self.told.add(terminal_id)
+        row = self.store.one("SELECT session_name, caller_id, agent_profile FROM terminals"
+                             " WHERE id = ?", (terminal_id,))
+        if not row:
+            return
+        self.store.emit("agent_stopped", row["session_name"], terminal_id, reason=reason)
+        handoff = self.store.one("SELECT 1 AS x FROM handoff_jobs WHERE terminal_id = ? AND"
+                                 " state = 'running'", (terminal_id,))
+        if row["caller_id"] and not handoff:  # a handoff reports to its caller itself
+            try:
+                self.inbox.post("cao", row["caller_id"], f"[cao] Worker {terminal_id} "
+                                f"({row['agent_profile']}) stopped: {reason}")
+            except CaoError:
+                pass  # the caller has gone as well
+
+    def run(self):
+        every = float(os.environ.get("CAO_HUNG_CHECK") or HUNG_CHECK)
+        while not self.stopping.wait(every):
+            try:
+                self._look_for_hung()
+            except CaoError:
+                pass  # a bad setting or a busy tmux: look again next time
+
+    def _look_for_hung(self):
+        limit = load_settings().get("hung_after", HUNG_AFTER)
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+            raise ConfigError(f"settings.json: hung_after must be seconds above 0, not {limit!r}")
+        quiet = {tid: self.watcher.quiet_for(tid) for tid, term in list(self.live.items())
+                 if term.status == "processing"}
+        quiet = {tid: q for tid, q in quiet.items() if q >= limit}
+        for tid in set(self.ticks) - set(quiet):
+            del self.ticks[tid]
+        panes = {tid: self.store.one("SELECT pane_id FROM terminals WHERE id = ?", (tid,))
+                 for tid in quiet}
+        pids = {tid: tmux_pane_info(p["pane_id"], "#{pane_pid}") for tid, p in panes.items() if p}
+        trees = process_trees([int(p) for p in pids.values() if p and p.isdigit()])
+        for tid, pid in pids.items():
+            ticks = trees.get(int(pid))[1] if pid and pid.isdigit() else None
+            if ticks is not None and self.ticks.get(tid) == ticks:
+                self._report(tid, f"it has printed nothing for {quiet[tid]:.0f} s and its "
+                                  f"processes use no CPU (hung_after in settings.json is {limit:g} s)")
+            self.ticks[tid] = ticks
+
+    def stop(self):
+        self.stopping.set()
 
 
 ###############################################################################
@@ -5292,14 +5506,17 @@ class App:
                                      gone=lambda terminal_id, why: self.resumer.gone(terminal_id, why))
         self.typist = TerminalInput(store, self.live, self.watcher, self.tracker)
         self.launcher = Launcher(home, host, port)
+        self.capacity = Capacity(store)
         self.terminals = Terminals(store, self.bus, self.live, self.watcher, self.tracker,
-                                   self.typist, self.launcher)
+                                   self.typist, self.launcher, self.capacity)
         self.sessions = Sessions(store, self.terminals)
         self.inbox = Inbox(store, self.bus, self.tracker, self.terminals, self.typist)
         self.handoffs = Handoffs(store, self.bus, self.terminals, self.typist, self.tracker,
                                  self.inbox)
         self.resumer = Resumer(store, self.bus, self.live, self.watcher, self.tracker,
                                self.terminals, self.launcher)
+        self.watchdog = Watchdog(store, self.bus, self.live, self.watcher, self.tracker,
+                                 self.inbox)
         self.memory = MemoryStore(store)
         self.typist.first_input = self.memory.preface
         self.skills = SkillStore(ensure_home() / "skills")
@@ -5317,6 +5534,7 @@ class App:
             threading.Thread(target=self._resume_lost, daemon=True, name="cao-resume").start()
         self.plugins.start()
         self.flows.start()
+        self.watchdog.start()
 
     def _resume_lost(self):
         try:
@@ -5325,6 +5543,7 @@ class App:
             self.store.emit("resume_failed", reason=str(e))
 
     def stop(self):
+        self.watchdog.stop()
         self.flows.stop()
         self.plugins.stop()
         self.watcher.stop()
@@ -5436,7 +5655,8 @@ def _create_session(app, req):
                                req.arg("session_name"), req.arg("working_directory"),
                                req.arg("allowed_tools", kinds=(str, list)), _initial_message(req),
                                req.arg("model"), req.flag("use_worktree"),
-                               req.arg("env_vars", kinds=(dict,)), req.arg("resume_session_id"))
+                               req.arg("env_vars", kinds=(dict,)), req.arg("resume_session_id"),
+                               _wait_for_room(req))
 
 
 @route("POST", r"/sessions/resume")
@@ -5468,7 +5688,18 @@ def _create_terminal(app, req):
                                 check_terminal_id(caller) if caller else None,
                                 initial_message=_initial_message(req), model=req.arg("model"),
                                 description=req.arg("description"),
-                                use_worktree=req.flag("use_worktree"))
+                                use_worktree=req.flag("use_worktree"),
+                                wait_for_room=_wait_for_room(req))
+
+
+def _wait_for_room(req):
+    """wait_for_room=false: beyond the fleet's limits, fail at once (429) instead of waiting."""
+    return req.flag("wait_for_room", True)
+
+
+@route("GET", r"/fleet")
+def _fleet(app, req):
+    return app.capacity.usage()
 
 
 @route("GET", r"/sessions/(?P<name>[^/]+)/terminals")
@@ -5527,6 +5758,9 @@ def _terminal_keys(app, req):
 @route("POST", r"/terminals/(?P<id>[^/]+)/signal")
 def _terminal_signal(app, req):
     app.tracker.signal(req.params["id"], req.arg("status", required=True))
+    conversation = req.arg("conversation_id")
+    if conversation is not None:
+        app.resumer.learn(req.params["id"], conversation)
     return {"success": True}
 
 
@@ -7344,7 +7578,7 @@ def cmd_hook(args):
     """Run by a CLI's own hooks; it must never fail the CLI, so errors go to a log."""
     terminal_id = os.environ.get("CAO_TERMINAL_ID", "")
     try:
-        Client().signal(terminal_id, args.status)
+        Client().signal(terminal_id, args.status, _hook_conversation(args.payload))
     except CaoError as e:
         home = cao_home()  # a home that is gone went with its server: never make it again
         try:
@@ -7353,6 +7587,27 @@ def cmd_hook(args):
         except (OSError, CaoError):
             pass
     return 0
+
+
+HOOK_CONVERSATION_KEYS = ("session_id", "thread-id")  # Claude Code hooks, Codex notify
+
+
+def _hook_conversation(payload):
+    """The CLI's conversation id in what its hook was given: a JSON argument (Codex
+    notify) or JSON on stdin (Claude Code hooks); None if there is none."""
+    texts = list(payload or ())
+    if not sys.stdin.isatty() and select.select([sys.stdin], [], [], 0.5)[0]:
+        texts.append(sys.stdin.read(1 << 20))
+    for text in texts:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        for key in HOOK_CONVERSATION_KEYS:
+            if isinstance(data, dict) and isinstance(data.get(key), str) and \
+                    CONVERSATION_ID_RE.fullmatch(data[key]):
+                return data[key]
+    return None
 
 
 @command("demo-agent", "run the demo agent (used by the demo provider)",
@@ -7533,6 +7788,9 @@ PROVIDERS = {
             "model": ["--model", "{model}"],
             "skills": ["--plugin-dir", "{context_dir}/claude-plugin"],
             "yolo": ["--dangerously-skip-permissions"],
+            # cao picks the conversation's id, so it knows it before the first turn.
+            "new_conversation": ["--session-id", "{conversation_id}"],
+            "resume": ["--resume", "{conversation_id}"],
             "restricted": ["--disallowedTools={disallowed_tools}"],
         },
         # Root may use --dangerously-skip-permissions only inside a declared sandbox.
@@ -7584,6 +7842,8 @@ PROVIDERS = {
             "system_prompt": ["-c", {"prefix": "developer_instructions=", "toml": "{system_prompt}"}],
             "model": ["--model", "{model}"],
             "yolo": ["--dangerously-bypass-approvals-and-sandbox"],
+            # Its id arrives with each notify (thread-id); the subcommand goes last.
+            "resume": ["resume", "{conversation_id}"],
         },
         "status": [
             ["waiting_user_answer", r"^\s*(Allow .* to run tool|Would you like to run)"
@@ -7611,7 +7871,9 @@ PROVIDERS = {
         "description": "Gemini CLI (Google)",
         "command": ["gemini"],
         "install": "npm install -g @google/gemini-cli",
-        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"]},
+        "args": {"model": ["--model", "{model}"], "yolo": ["--yolo"],
+                 "new_conversation": ["--session-id", "{conversation_id}"],
+                 "resume": ["--resume", "{conversation_id}"]},
         # An untrusted folder runs without MCP servers; cao starts agents only in
         # folders its user named, so it trusts them as a person would at the prompt.
         # Gemini (and ink's is-in-ci) start headless and exit when CI or
@@ -7660,7 +7922,9 @@ PROVIDERS["qwen_code"] = {
     "args": {"always": ["--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
              "system_prompt": ["--append-system-prompt", "{system_prompt}"],
              "model": ["--model", "{model}"], "yolo": ["--yolo"],
-             "restricted": ["--exclude-tools", "{disallowed_tools}"]},
+             "restricted": ["--exclude-tools", "{disallowed_tools}"],
+             "new_conversation": ["--session-id", "{conversation_id}"],
+             "resume": ["--resume", "{conversation_id}"]},
     # Without this, a first start from a fresh HOME runs `npm install -g` of the latest qwen.
     "env": {"QWEN_CODE_SYSTEM_SETTINGS_PATH": "{context_dir}/settings.json"},
     "files": {"settings.json": {"json": {"general": _NO_SELF_UPDATE}}},
@@ -7726,7 +7990,9 @@ PROVIDERS.update({
                             "--allow-tool", CAO_MCP_NAME],
                  "model": ["--model", "{model}"], "yolo": ["--allow-all"],
                  # --excluded-tools hides them from the model; --deny-tool only refuses a call.
-                 "restricted": ["--excluded-tools", "{disallowed_tools}"]},
+                 "restricted": ["--excluded-tools", "{disallowed_tools}"],
+                 "new_conversation": ["--session-id", "{conversation_id}"],
+                 "resume": ["--resume", "{conversation_id}"]},
         "env": {"COPILOT_CUSTOM_INSTRUCTIONS_DIRS": {"when": "system_prompt", "value": "{context_dir}"},
                 "COPILOT_SKILLS_DIRS": {"when": "skills", "value": "{skills_dir}"}},
         "skills_dir": "{context_dir}/skills",

@@ -526,3 +526,40 @@ def test_real_cli_with_no_credentials_fails_at_once_naming_the_fix(real_env, pro
     assert done.returncode == 1 and len(errors) == 1, done
     assert f"{provider} has no credentials here" in errors[0] and fix in errors[0], errors
     assert took < 45, (took, done)
+
+
+RESUME_CLIS = [p for p, spec in cao.PROVIDERS.items() if p in BINARIES
+               and "resume" in spec.get("args", {})]
+
+
+@pytest.mark.parametrize("provider", RESUME_CLIS)
+def test_real_cli_continues_its_conversation_after_tmux_dies(real_env, mock, provider):
+    if not installed(provider):
+        pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
+    env = real_env(provider)
+    env.profile("agent", provider, "You are the e2e agent.")
+    mock.reply("first turn", text="FIRST-ANSWER")
+    term = env.start(provider)["id"]
+    env.send(term, "first turn: remember RESUME-MARKER-77")
+    env.wait_status(term, "completed")
+    # Codex tells its conversation's id in its notify at the end of the turn.
+    conversation = wait_for(lambda: env.request("GET", f"/terminals/{term}")[1]["conversation_id"],
+                            30, what="the conversation id known")
+    pids = env.tmux_pids()
+    env.tmux("kill-server")
+    for pid in pids:  # the CLIs' own children (MCP servers) share their process groups
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    wait_for(lambda: env.request("GET", f"/terminals/{term}")[1]["lost"], 20, what="lost")
+    done = env.run("session", "resume", "e2e", timeout=200)
+    assert done.returncode == 0 and "conversation resumed" in done.stdout, \
+        done.stdout + done.stderr + env.screen(term)[-1500:]
+    assert env.request("GET", f"/terminals/{term}")[1]["conversation_id"] == conversation
+    mock.reply("second turn", text="SECOND-ANSWER")
+    env.send(term, "second turn: what did I ask you to remember?")
+    env.wait_status(term, "completed")
+    second = mock.wait_for(lambda r: r["kind"] == "main" and "second turn" in r["user_text"])
+    assert "RESUME-MARKER-77" in json.dumps(second["body"]), second["body"]
+    assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == "SECOND-ANSWER"

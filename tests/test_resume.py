@@ -140,3 +140,79 @@ def test_resume_of_nothing_and_of_an_unknown_session(server):
     done = server.run("session", "resume")
     assert done.returncode != 0 and "--all" in done.stderr
     assert json.loads(server.run("session", "resume", "--all", "--json").stdout) == []
+
+
+def test_a_terminal_beyond_max_agents_fails_at_once_or_waits_for_room(server):
+    (server.home / "settings.json").write_text(json.dumps({"max_agents": 2}))
+    first = demo_session(server, "one")
+    demo_session(server, "two")
+    code, body = server.request("POST", "/sessions?agent_profile=developer&provider=demo"
+                                        "&session_name=three&wait_for_room=false")
+    assert code == 429 and "max_agents in settings.json is 2" in body["detail"], body
+    assert server.request("GET", "/fleet")[1]["agents"] == 2
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(answer=server.request(
+        "POST", "/sessions?agent_profile=developer&provider=demo&session_name=three")))
+    waiter.start()
+    wait_for(lambda: server.request("GET", "/fleet")[1]["agents"] == 2, 5, what="fleet read")
+    assert waiter.is_alive()  # it waits for room
+    assert server.request("DELETE", f"/terminals/{first}")[0] == 200
+    waiter.join(30)
+    assert result["answer"][0] == 201, result
+
+
+def test_a_memory_ceiling_names_itself(server):
+    demo_session(server, "mem")
+    (server.home / "settings.json").write_text(json.dumps({"max_agents_memory_mb": 1}))
+    fleet = server.request("GET", "/fleet")[1]
+    assert fleet["agents_memory_mb"] > 1
+    code, body = server.request("POST", "/sessions/cao-mem/terminals?wait_for_room=false",
+                                {"agent_profile": "developer", "provider": "demo"})
+    assert code == 429 and "MiB are held by the agents and max_agents_memory_mb" in body["detail"]
+    (server.home / "settings.json").write_text(json.dumps({"max_agents": "many"}))
+    code, body = server.request("POST", "/sessions/cao-mem/terminals",
+                                {"agent_profile": "developer", "provider": "demo"})
+    assert code == 400 and "max_agents must be a number above 0" in body["detail"]
+
+
+def _cao_messages(env, tid):
+    return [m for m in env.request("GET", f"/terminals/{tid}/inbox/messages?limit=50")[1]
+            if m["sender_id"] == "cao"]
+
+
+def test_a_worker_whose_cli_exits_is_reported_to_its_caller_once(server):
+    sup = demo_session(server, "exits", "code_supervisor")
+    code, worker = server.request("POST", "/sessions/cao-exits/terminals",
+                                  {"agent_profile": "reviewer", "provider": "demo",
+                                   "caller_id": sup})
+    assert code == 201
+    server.request("POST", f"/terminals/{worker['id']}/keys", {"data": "\x04"})
+    told = wait_for(lambda: [m for m in _cao_messages(server, sup) if m["status"] == "delivered"],
+                    20, what="the caller told")
+    assert f"Worker {worker['id']} (reviewer) stopped: its CLI exited" in told[0]["message"]
+    wait_for(lambda: _terminal(server, sup)["status"] == "completed", 15, what="its reply")
+    assert len(_cao_messages(server, sup)) == 1
+    events = [e for e in server.request("GET", "/events?after=0")[1]["events"]
+              if e["kind"] == "agent_stopped"]
+    assert len(events) == 1 and events[0]["terminal_id"] == worker["id"]
+
+
+def test_a_hung_worker_is_reported_never_removed(cao_env):
+    stuck = {"command": ["sh", "-c", "printf '> '; read x; printf 'working...'; exec sleep 600"],
+             "status": [["processing", r"working\.\.\.\Z"], ["idle", r"^> ?\Z"]]}
+    cao_env.home.mkdir(parents=True, exist_ok=True)
+    (cao_env.home / "settings.json").write_text(json.dumps({"providers": {"stuck": stuck},
+                                                            "hung_after": 1}))
+    cao_env.env["CAO_HUNG_CHECK"] = "0.3"
+    cao_env.start_server()
+    sup = demo_session(cao_env, "hung", "code_supervisor")
+    code, worker = cao_env.request("POST", "/sessions/cao-hung/terminals",
+                                   {"agent_profile": "reviewer", "provider": "stuck",
+                                    "caller_id": sup})
+    assert code == 201, worker
+    assert cao_env.request("POST", f"/terminals/{worker['id']}/input", {"message": "go"})[0] == 200
+    told = wait_for(lambda: _cao_messages(cao_env, sup), 20, what="the caller told")
+    assert "stopped: it has printed nothing for" in told[0]["message"]
+    assert "hung_after in settings.json is 1 s" in told[0]["message"]
+    term = _terminal(cao_env, worker["id"])
+    assert term["status"] == "processing" and term["lost"] is None  # reported, never removed
