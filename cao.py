@@ -2100,8 +2100,9 @@ def build_home_overlay(overlay, fields, context_dir, user_home, cao_home, env):
     folder.mkdir(parents=True, exist_ok=True)
     if theirs.is_dir():
         for entry in theirs.iterdir():
-            if entry.name not in overlay["json"]:
-                (folder / entry.name).symlink_to(entry)
+            link = folder / entry.name
+            if entry.name not in overlay["json"] and not link.is_symlink() and not link.exists():
+                link.symlink_to(entry)  # made before, when the terminal was resumed
     for name, template in overlay["json"].items():
         settings = json_object_in(theirs / name, lambda p: p.read_text(encoding="utf-8"),
                                   lambda text: _json_with_comments(text) if text.strip() else {},
@@ -4131,6 +4132,10 @@ def ops_shutdown_session(session_name: str) -> dict:
 # name with its CLI's conversation resumed (`resume` args in its provider entry).
 
 
+RESUME_QUIET = 2.0        # s a resumed CLI's screen stays still before it counts as ready
+RESUME_SETTLE_MAX = 20.0  # s that wait lasts at most
+
+
 class Resumer:
     """Marks terminals whose tmux session died as lost, and brings lost sessions back."""
 
@@ -4220,10 +4225,22 @@ class Resumer:
                 try:
                     self.tracker.wait_ready(result["terminal_id"],
                                             max(0.0, deadline - time.monotonic()))
+                    self._settle(result["terminal_id"], deadline)
                 except CaoError as e:
                     result["detail"] = str(e)
                 result["status"] = self.tracker.status(result["terminal_id"]) or "error"
         return {"session_name": name, "terminals": results}
+
+    def _settle(self, terminal_id, deadline):
+        """A resumed CLI draws its prompt, then loads and redraws the old conversation
+        (Gemini CLI, Qwen Code), and what is typed meanwhile is lost: it is ready once
+        its screen has been still for RESUME_QUIET s."""
+        deadline = min(deadline, time.monotonic() + RESUME_SETTLE_MAX)
+        while time.monotonic() < deadline:
+            quiet = self.watcher.quiet_for(terminal_id)
+            if quiet >= RESUME_QUIET:
+                return
+            self.store.wait_until(lambda: False, RESUME_QUIET - quiet)
 
     def _start(self, row, session_env, new_session):
         spec = get_provider(row["provider"])
@@ -8027,7 +8044,10 @@ PROVIDERS.update({
         "command": ["kimi", "--mcp-config", {"json": {"mcpServers": "{mcp_servers}"}}],
         "install": "pip install kimi-cli==1.51.0  (Python >= 3.12)",
         "args": {"system_prompt": ["--agent-file", "{context_dir}/agent.yaml"],
-                 "model": ["--model", "{model}"], "yolo": ["--yolo"]},
+                 "model": ["--model", "{model}"], "yolo": ["--yolo"],
+                 # --session starts a conversation under a new id, or continues one.
+                 "new_conversation": ["--session", "{conversation_id}"],
+                 "resume": ["--session", "{conversation_id}"]},
         "env": {"KIMI_CLI_NO_AUTO_UPDATE": "1"},
         "files": {"agent.yaml": {"when": "system_prompt", "value": {"json": {
             "version": 1, "agent": {"extend": "default",

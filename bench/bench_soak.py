@@ -70,16 +70,18 @@ class Env(CaoEnv):
     def __init__(self, tmp):
         super().__init__(tmp)
         self.proc = None
+        self.cmd = CAO
         self.tmux_seen = set()
         self.lock = threading.Lock()
         self.http_errors = collections.Counter()  # "METHOD route -> code"
+        self.http_500 = []
 
     def start_server(self, cmd=None):
         n = len(self.servers)
         self.logfile = self.home.parent / f"server-stdout-{n}.log"
         out = open(self.logfile, "ab")
         t = time.monotonic()
-        proc = subprocess.Popen((cmd or CAO) + ["server", "--port", str(self.port)], env=self.env,
+        proc = subprocess.Popen((cmd or self.cmd) + ["server", "--port", str(self.port)], env=self.env,
                                 cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         out.close()
@@ -120,6 +122,8 @@ class Env(CaoEnv):
             route = re.sub(r"[0-9a-f]{8,32}", "ID", path.split("?")[0])
             with self.lock:
                 self.http_errors[f"{method} {route} -> {code}"] += 1
+                if code == 500 and len(self.http_500) < 10:
+                    self.http_500.append((method, path, str(payload)[:400]))
         return code, payload
 
     def call_retry(self, method, path, body=None, timeout=30, give_up=None):
@@ -167,22 +171,59 @@ class Env(CaoEnv):
                 kill_pid(pid, signal.SIGKILL)
 
 
+def snapshot_cao(tmp):
+    """A copy of cao.py (with the profiles and web files beside it) to run, so an edit
+    of the checkout during a long run cannot reach the server or a new agent."""
+    import hashlib
+    import py_compile
+    import shutil
+    dest = tmp / "cao-snapshot"
+    dest.mkdir()
+    for _ in range(30):  # someone may be saving the file right now
+        shutil.copy2(ROOT / "cao.py", dest / "cao.py")
+        try:
+            py_compile.compile(str(dest / "cao.py"), doraise=True)
+            break
+        except py_compile.PyCompileError:
+            time.sleep(1)
+    else:
+        raise RuntimeError("cao.py does not compile")
+    for sub in ("profiles", "web_static"):
+        if (ROOT / sub).is_dir():
+            shutil.copytree(ROOT / sub, dest / sub)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "cao.py"],
+                           capture_output=True, text=True).stdout.strip()
+    sha = hashlib.sha256((dest / "cao.py").read_bytes()).hexdigest()[:12]
+    return [sys.executable, str(dest / "cao.py")], f"git {head}{' + uncommitted cao.py' if dirty else ''}, sha256 {sha}"
+
+
 def all_ready(terms):
     return bool(terms) and all(t.get("lost") is None and t.get("status") in READY for t in terms)
 
 
-def wait_all_ready(env, since, limit=300):
-    """Seconds from `since` until every terminal is back and ready (None: not in `limit`)."""
+def ready_ids(env):
+    return {t["id"] for t in env.terminals() if all_ready([t])}
+
+
+def wait_all_ready(env, since, ids, ev, key, limit=120):
+    """Seconds from `since` until every terminal of `ids` (those ready before the kill;
+    one removed meanwhile counts as done) is back and ready; None if not within limit."""
     deadline = time.monotonic() + limit
+    terms = []
     while time.monotonic() < deadline:
         try:
-            terms = env.terminals(give_up=deadline)
+            terms = [t for t in env.terminals(give_up=deadline) if t["id"] in ids]
         except (OSError, http.client.HTTPException):
             break
-        if all_ready(terms):
-            return time.monotonic() - since
+        if all(all_ready([t]) for t in terms):
+            ev[key] = round(time.monotonic() - since, 2)
+            return
         time.sleep(0.1)
-    return None
+    ev[key] = None
+    ev[key + "_missing"] = [(t["id"], t["status"], bool(t["lost"])) for t in terms
+                            if not all_ready([t])]
 
 
 # -- inbox traffic ---------------------------------------------------------------------
@@ -274,6 +315,7 @@ class Chain(threading.Thread):
     def record(self, token, started, outcome, detail="", **extra):
         self.outcomes.append({"slot": self.slot, "kind": self.kind, "token": token,
                               "started": round(started - T0, 1),
+                              "wall": round(time.time() - (time.monotonic() - started), 2),
                               "took": round(time.monotonic() - started, 2),
                               "outcome": outcome, "detail": detail[:300], **extra})
 
@@ -363,10 +405,11 @@ class Chain(threading.Thread):
 def kill_tmux(env, events):
     pid = env.tmux_server_pid()
     env.remember_tmux()
+    before = ready_ids(env)
     t = time.monotonic()
     log(f"KILL tmux server pid {pid}")
     os.kill(pid, signal.SIGKILL)
-    ev = {"what": "tmux kill", "at": round(t - T0, 1), "pid": pid}
+    ev = {"what": "tmux kill", "at": round(t - T0, 1), "wall": time.time(), "pid": pid}
     # every terminal marked lost
     deadline = t + 60
     while time.monotonic() < deadline:
@@ -390,11 +433,8 @@ def kill_tmux(env, events):
         ev["resume_problems"] = [x for x in terms if x["resumed"] == "failed" or x.get("detail")]
     else:
         ev["resume_body"] = str(body)[:500]
-    ev["resume_all_ready"] = wait_all_ready(env, r0)
-    if ev["resume_all_ready"] is None:
-        ev["not_ready"] = [(x["id"], x["status"], bool(x["lost"])) for x in env.terminals()
-                           if not all_ready([x])]
-    ev["resume_all_ready"] = ev["resume_all_ready"] and round(ev["resume_all_ready"], 2)
+    ev["terminals"] = len(before)
+    wait_all_ready(env, r0, before, ev, "resume_all_ready")
     env.tmux_server_pid()
     env.remember_tmux()
     log(f"tmux kill done: {ev}")
@@ -403,14 +443,15 @@ def kill_tmux(env, events):
 
 def kill_server(env, events):
     env.remember_tmux()
+    before = ready_ids(env)
     t = time.monotonic()
     log(f"KILL cao server pid {env.proc.pid}")
     env.kill_server()
-    ev = {"what": "server kill", "at": round(t - T0, 1), "pid": env.proc.pid}
+    ev = {"what": "server kill", "at": round(t - T0, 1), "wall": time.time(), "pid": env.proc.pid}
     r0 = time.monotonic()
     ev["restart_healthy"] = round(env.start_server(), 3)
-    ready = wait_all_ready(env, r0)
-    ev["restart_all_ready"] = ready and round(ready, 2)
+    ev["terminals"] = len(before)
+    wait_all_ready(env, r0, before, ev, "restart_all_ready")
     log(f"server kill done: {ev}")
     events.append(ev)
 
@@ -433,7 +474,8 @@ T_RUN = [0.0]
 # -- analysis ---------------------------------------------------------------------------
 
 def analyse(env, poster, outcomes, events, args, audit, timings):
-    rows = env.db_query("SELECT id, receiver_id, message, status, reason FROM inbox")
+    rows = env.db_query("SELECT id, receiver_id, message, status, reason, created_at, "
+                        "delivered_at FROM inbox")
     by_token = collections.defaultdict(list)
     for r in rows:
         m = TOKEN_RE.match(r["message"])
@@ -441,8 +483,14 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
             by_token[m.group(1)].append(r)
     seen, busy, busy_kinds, wrong_receiver = collections.Counter(), 0, collections.Counter(), 0
     lines = audit.read_text().splitlines() if audit.exists() else []
-    for line in lines:
-        entry = json.loads(line)
+    entries = [json.loads(line) for line in lines]
+    busy_examples = []
+    tmux_walls = [e["wall"] for e in events if e["what"] == "tmux kill" and "wall" in e]
+    server_walls = [e["wall"] for e in events if e["what"] == "server kill" and "wall" in e]
+
+    def near(t, walls, before=10, after=30):
+        return any(w - before <= t <= w + after for w in walls)
+    for i, entry in enumerate(entries):
         tokens = TOKEN_RE.findall(entry["input"])
         for token, _ in tokens:
             seen[token] += 1
@@ -453,24 +501,41 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
             kind = ("inbox" if tokens else "cao notice" if entry["input"].startswith("[cao]")
                     else "chain" if "/handoff" in entry["input"] else "other")
             busy_kinds[kind] += 1
+            nxt = next((e for e in entries[i + 1:] if e["terminal_id"] == entry["terminal_id"]), None)
+            busy_examples.append({"terminal": entry["terminal_id"], "input": entry["input"][:100],
+                                  "t": entry["t"], "next_input": nxt and nxt["input"][:100],
+                                  "next_after": nxt and round(nxt["t"] - entry["t"], 2),
+                                  "near_tmux_kill": near(entry["t"], tmux_walls),
+                                  "near_server_kill": near(entry["t"], server_walls)})
     accepted = poster.accepted
     status = {t: [r["status"] for r in by_token.get(t, [])] for t in accepted}
     delivered = [t for t, s in status.items() if "delivered" in s]
     failed = [t for t, s in status.items() if "failed" in s and "delivered" not in s]
     lost = [t for t, s in status.items() if "delivered" not in s and "failed" not in s]
     unanswered = [t for t in delivered if not seen[t]]
+    unanswered_at_kill = [t for t in unanswered if any(
+        r["delivered_at"] and near(r["delivered_at"], tmux_walls, 5, 0) for r in by_token[t])]
     dup = {t: c for t, c in seen.items() if c > 1}
+    first_answer = {}
+    for entry in entries:
+        for token, _ in TOKEN_RE.findall(entry["input"]):
+            first_answer.setdefault(token, entry["t"])
+    dup_at_kill = [t for t in dup if near(first_answer[t], tmux_walls, 5, 2)]
     stored_twice = [t for t, rs in by_token.items() if len(rs) > 1]
     fail_reasons = collections.Counter(
         re.sub(r"[0-9a-f]{8}", "ID", r["reason"] or "")[:120]
         for t in failed for r in by_token[t] if r["status"] == "failed")
+    for o in outcomes:
+        if o["outcome"] == "silent":
+            o["tmux_kill_during"] = near(o["wall"], tmux_walls, o["took"], 0)
+            o["server_kill_during"] = near(o["wall"], server_walls, o["took"], 0)
     chains = collections.Counter(o["outcome"] for o in outcomes)
     chain_fail = collections.Counter(re.sub(r"[0-9a-f]{8,32}|c\d+x\d+", "X", o["detail"])[:140]
                                      for o in outcomes if o["outcome"] == "failed")
-    log_text = (env.home / "logs" / "server.log").read_text(errors="replace") \
-        if (env.home / "logs" / "server.log").exists() else ""
-    bad_log = [l for l in log_text.splitlines()
-               if re.search(r"Traceback|ERROR|Exception| 500 ", l)]
+    bad_log = []
+    for f in sorted((env.home / "logs").glob("*.log")):  # server.log (if any), mcp.log
+        bad_log += [f"{f.name}: {l}" for l in f.read_text(errors="replace").splitlines()
+                    if re.search(r"Traceback|ERROR|Error:| 500 ", l)]
     stdout_bad = []
     for f in sorted(env.home.parent.glob("server-stdout-*.log")):
         stdout_bad += [f"{f.name}: {l}" for l in f.read_text(errors="replace").splitlines()
@@ -478,7 +543,7 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
     summary = {
         "config": {k: getattr(args, k) for k in ("minutes", "agents", "chains", "rate", "delay",
                                                  "tmux_kills", "server_kills", "seed")},
-        "timings": timings,
+        "timings": timings, "cao": args.cao_version,
         "messages": {
             "posted": len(accepted), "rejected": len(poster.rejected),
             "rejected_examples": poster.rejected[:5],
@@ -488,13 +553,16 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
             "lost_examples": [(t, accepted[t], [dict(r) for r in by_token.get(t, [])])
                               for t in lost[:10]],
             "delivered_never_answered": len(unanswered),
+            "delivered_never_answered_within_5s_before_a_tmux_kill": len(unanswered_at_kill),
             "delivered_never_answered_examples": [(t, [dict(r) for r in by_token[t]])
                                                   for t in unanswered[:10]],
             "duplicated": len(dup), "duplicated_examples": dict(list(dup.items())[:10]),
+            "duplicated_first_answer_within_5s_of_a_tmux_kill": len(dup_at_kill),
             "stored_twice": len(stored_twice), "wrong_receiver": wrong_receiver,
             "fail_reasons": dict(fail_reasons),
         },
         "busy_inputs": busy, "busy_inputs_by_kind": dict(busy_kinds),
+        "busy_examples": busy_examples[:20],
         "demo_log_lines": len(lines),
         "chains": {"started": len(outcomes), "answered": chains["answered"],
                    "failed_visibly": chains["failed"], "silent": chains["silent"],
@@ -505,9 +573,16 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
                                                   if o["outcome"] == "answered"], 50)
                    if chains["answered"] else None,
                    "failure_messages": dict(chain_fail.most_common(8)),
-                   "silent_examples": [o for o in outcomes if o["outcome"] == "silent"][:10]},
+                   "silent_no_job_cut_by_tmux_kill": sum(
+                       1 for o in outcomes if o["outcome"] == "silent" and o.get("tmux_kill_during")
+                       and not o.get("jobs") and o["kind"] == "mcp"),
+                   "silent_job_failed_caller_not_told": sum(
+                       1 for o in outcomes if o["outcome"] == "silent" and o.get("jobs")
+                       and all(j["state"] == "error" for j in o["jobs"])),
+                   "silent_examples": [o for o in outcomes if o["outcome"] == "silent"][:10],
+                   "all": outcomes},
         "events": events,
-        "http_5xx": dict(env.http_errors),
+        "http_5xx": dict(env.http_errors), "http_500_examples": env.http_500,
         "server_log_errors": len(bad_log), "server_log_error_examples": bad_log[:15],
         "server_stdout_errors": stdout_bad[:15],
         "terminals_at_end": len(env.terminals()),
@@ -524,14 +599,17 @@ def markdown(s):
         ("... delivered", m["delivered"]),
         ("... failed (with a reason)", m["failed"]),
         ("... lost (accepted, never delivered nor failed)", m["lost"]),
-        ("... delivered but never reached the agent", m["delivered_never_answered"]),
-        ("... duplicated (token answered twice)", m["duplicated"]),
+        ("... delivered but never answered by the agent (of which pasted <= 5 s before a tmux kill)",
+         f"{m['delivered_never_answered']} ({m['delivered_never_answered_within_5s_before_a_tmux_kill']})"),
+        ("... duplicated: answered twice (of which first answered -5..+2 s around a tmux kill)",
+         f"{m['duplicated']} ({m['duplicated_first_answer_within_5s_of_a_tmux_kill']})"),
         ("POSTs rejected (4xx)", m["rejected"]),
         ("inputs into a busy agent", f"{s['busy_inputs']} {s['busy_inputs_by_kind'] or ''}"),
         ("chains started", c["started"]),
         ("... answered", f"{c['answered']} (p50 {c['answer_time_p50'] or 0:.1f} s)"),
         ("... failed visibly", c["failed_visibly"]),
-        ("... silent (no outcome)", c["silent"]),
+        ("... silent: no outcome (supervisor died with tmux before any job / job failed, caller not told)",
+         f"{c['silent']} ({c['silent_no_job_cut_by_tmux_kill']} / {c['silent_job_failed_caller_not_told']})"),
     ]
     for i, e in enumerate(tm, 1):
         rows.append((f"tmux kill {i} at {e.get('at')} s: all lost after / resume POST / all ready",
@@ -540,8 +618,12 @@ def markdown(s):
     for i, e in enumerate(sv, 1):
         rows.append((f"server kill {i} at {e.get('at')} s: restart -> /health / all ready",
                      f"{e.get('restart_healthy')} s / {e.get('restart_all_ready')} s"))
-    rows.append(("HTTP 5xx answers", sum(s["http_5xx"].values())))
-    rows.append(("server.log error lines", s["server_log_errors"]))
+    codes = collections.Counter()
+    for k, v in s["http_5xx"].items():
+        codes[k.rsplit(" ", 1)[-1]] += v
+    rows.append(("terminals at the end (workers of cut handoffs stay)", s["terminals_at_end"]))
+    rows.append(("HTTP 5xx answers (by code)", dict(codes) or 0))
+    rows.append(("error lines in CAO_HOME_DIR/logs (mcp.log ...)", s["server_log_errors"]))
     out = ["| figure | value |", "| --- | --- |"]
     out += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(out)
@@ -574,7 +656,8 @@ def main():
     env = Env(tmp)
     audit = tmp / "demo-log.jsonl"
     env.env.update(CAO_DEMO_DELAY=str(args.delay), CAO_DEMO_LOG=str(audit))
-    log(f"seed {args.seed}, home {env.home}, port {env.port}, socket {env.socket}")
+    env.cmd, args.cao_version = snapshot_cao(tmp)
+    log(f"cao {args.cao_version}; seed {args.seed}, home {env.home}, port {env.port}, socket {env.socket}")
     try:
         t = env.start_server()
         timings = {"first_start_healthy": round(t, 3)}
@@ -649,7 +732,7 @@ def main():
             pending = env.db_query("SELECT COUNT(*) AS n FROM inbox WHERE status IN "
                                    "('queued','delivering')")[0]["n"]
             terms = env.terminals()
-            if not pending and all_ready(terms) and not any(x["status"] == "processing" for x in terms):
+            if not pending and not any(x["status"] == "processing" or x["lost"] for x in terms):
                 break
             time.sleep(1)
         timings["quiescence"] = round(time.monotonic() - t, 1)

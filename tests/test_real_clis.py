@@ -559,7 +559,9 @@ def test_real_cli_continues_its_conversation_after_tmux_dies(real_env, mock, pro
     assert env.request("GET", f"/terminals/{term}")[1]["conversation_id"] == conversation
     mock.reply("second turn", text="SECOND-ANSWER")
     env.send(term, "second turn: what did I ask you to remember?")
-    env.wait_status(term, "completed")
     second = mock.wait_for(lambda r: r["kind"] == "main" and "second turn" in r["user_text"])
     assert "RESUME-MARKER-77" in json.dumps(second["body"]), second["body"]
-    assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == "SECOND-ANSWER"
+    # The resumed screen shows the first answer as completed; wait for the new one.
+    wait_for(lambda: env.status(term) == "completed" and env.request(
+        "GET", f"/terminals/{term}/output?mode=last")[1].get("output") == "SECOND-ANSWER", 90,
+        what=f"the second answer (screen: {env.screen(term)[-1500:]!r})")
