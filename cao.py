@@ -23,10 +23,14 @@ table at the end is data that the providers section reads.
   providers         the provider field schema; launching a CLI from an entry,
                     reading its status and its last answer from the screen
   terminals         Terminal (one live record each), PaneWatcher, StatusTracker,
-                    TerminalInput, Terminals and Sessions
+                    TerminalInput, Capacity (the fleet's limits), Launcher (a
+                    record to a CLI in a window), Terminals and Sessions
   inbox and orchestration  durable messages delivered when the receiver is idle;
                     server-side handoffs under job ids; the agents' tools
                     (handoff, assign, send_message, ...) and the ops tools
+  resume            terminals whose tmux died are kept as lost and brought back
+                    with their CLI's conversation; the watchdog tells a caller
+                    when its worker stops or hangs
   memory            what agents store, ranked by FTS5; the <cao-memory> block
   skills            SKILL.md folders and how each CLI gets them
   flows             agent sessions on a cron schedule, with gating scripts
