@@ -1400,6 +1400,11 @@ class Store:
             self.changed.notify_all()
             return seq
 
+    def wake(self):
+        """Wake every wait_until() waiter to look again (a change outside the database)."""
+        with self.lock:
+            self.changed.notify_all()
+
     def last_event_seq(self):
         return self.one("SELECT COALESCE(MAX(seq), 0) AS seq FROM events")["seq"]
 
@@ -2831,10 +2836,14 @@ class TerminalInput:
         pane_id = row["pane_id"]
         with term.input_lock:
             tmux_paste(pane_id, message, keep_buffer)
-            delay = spec.get("submit", {}).get("enter_delay", 0)
-            if delay:
-                time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
-            self._submit(term, pane_id, spec, message, enter_first=True)
+            try:
+                delay = spec.get("submit", {}).get("enter_delay", 0)
+                if delay:
+                    time.sleep(delay)  # some CLIs treat an Enter inside the paste burst as a newline
+                self._submit(term, pane_id, spec, message, enter_first=True)
+            except CaoError as e:
+                e.pasted = True  # the agent has the text: a caller must not paste it again
+                raise
             self._submitted(term, row["session_name"], message)
         self.store.execute("UPDATE terminals SET last_active = ? WHERE id = ?",
                            (time.time(), terminal_id))
@@ -3660,9 +3669,13 @@ class Inbox:
                 self.typist.send(receiver_id, "\n".join(r["message"] for r in batch), buffer)
             except CaoError as e:
                 if self._tmux_died_under(receiver_id):
-                    # The receiver comes back with `cao session resume`; its messages wait.
-                    self._set_rows(ids, "queued", f"re-queued: tmux died while it was "
-                                                  f"delivered ({e})")
+                    # The receiver comes back with `cao session resume`. A message pasted
+                    # before tmux died is in its conversation; the others wait for it.
+                    if getattr(e, "pasted", False):
+                        self._set_rows(ids, "delivered", "tmux died just after the paste")
+                    else:
+                        self._set_rows(ids, "queued", f"re-queued: tmux died before it was "
+                                                      f"pasted ({e})")
                     return
                 if isinstance(e, NotFound):
                     self._set_rows(ids, "failed", f"receiver {receiver_id} no longer exists")
@@ -4167,10 +4180,13 @@ class Resumer:
             self.store.execute("UPDATE terminals SET lost = ?, status = 'error', pane_id = NULL"
                                " WHERE id = ?", (json.dumps({"at": time.time(), "reason": why}),
                                                  terminal_id))
-        self.watcher.remove(terminal_id)
-        self.live.pop(terminal_id, None)
+        # Listeners first: a handoff waiting on this worker must end as lost before
+        # its waiter sees the worker gone.
         self.store.emit("terminal_lost", row["session_name"], terminal_id, reason=why)
         self.bus.publish("terminal_lost", terminal_id=terminal_id, reason=why)
+        self.watcher.remove(terminal_id)
+        self.live.pop(terminal_id, None)
+        self.store.wake()  # waiters on its status see it gone
 
     def recover(self):
         """At server start: take back the windows that outlived the server, mark the

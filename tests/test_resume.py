@@ -104,8 +104,11 @@ def test_a_handoff_cut_by_tmux_dying_fails_clearly_and_tells_its_caller(cao_env)
     code, body = result["answer"]
     assert code == 502 and f"worker {worker} was lost before it answered" in body["detail"]["message"], body
     state = cao_env.request("GET", f"/handoff-results/{job}")[1]
-    inbox = cao_env.request("GET", f"/terminals/{sup}/inbox/messages")[1]
-    assert len(inbox) == 1 and inbox[0]["sender_id"] == "cao" and inbox[0]["status"] == "queued"
+    # It waits for the caller (lost too) to come back; a paste cut by tmux is re-queued.
+    inbox = wait_for(lambda: [m for m in cao_env.request(
+        "GET", f"/terminals/{sup}/inbox/messages")[1] if m["status"] == "queued"], 30,
+        what="the failure queued for the caller")
+    assert len(inbox) == 1 and inbox[0]["sender_id"] == "cao"
     assert f"(job {job}) failed: worker {worker} was lost" in inbox[0]["message"]
     assert state["state"] == "error" and "was lost" in state["error_message"]
 
