@@ -1331,6 +1331,8 @@ MIGRATIONS = [
     ALTER TABLE terminals ADD COLUMN conversation_id TEXT;
     ALTER TABLE terminals ADD COLUMN lost TEXT;
     ALTER TABLE terminals ADD COLUMN resumed TEXT;
+    ALTER TABLE handoff_jobs ADD COLUMN prompt TEXT;
+    ALTER TABLE handoff_jobs ADD COLUMN submitted INTEGER NOT NULL DEFAULT 1;
     """,
 ]
 EVENTS_KEPT = 10000       # events kept for /events readers
@@ -2598,6 +2600,12 @@ def terminal_row(store, terminal_id):
     return row
 
 
+def tmux_died_under(store, terminal_id):
+    """Whether the terminal's tmux session is gone (tmux killed, machine restarted)."""
+    row = store.one("SELECT session_name, lost FROM terminals WHERE id = ?", (terminal_id,))
+    return bool(row) and (bool(row["lost"]) or row["session_name"] not in tmux_sessions())
+
+
 def _lost_json(lost):
     if not lost:
         return None
@@ -3629,11 +3637,6 @@ class Inbox:
                 "SELECT 1 AS x FROM inbox WHERE receiver_id = ? AND status = 'queued'", (receiver_id,)):
             self.kick(receiver_id)
 
-    def _tmux_died_under(self, receiver_id):
-        row = self.store.one("SELECT session_name, lost FROM terminals WHERE id = ?",
-                             (receiver_id,))
-        return bool(row) and (bool(row["lost"]) or row["session_name"] not in tmux_sessions())
-
     def _set_rows(self, ids, status, reason=None):
         marks = ",".join("?" * len(ids))
         delivered = time.time() if status == "delivered" else None
@@ -3668,7 +3671,7 @@ class Inbox:
             try:
                 self.typist.send(receiver_id, "\n".join(r["message"] for r in batch), buffer)
             except CaoError as e:
-                if self._tmux_died_under(receiver_id):
+                if tmux_died_under(self.store, receiver_id):
                     # The receiver comes back with `cao session resume`. A message pasted
                     # before tmux died is in its conversation; the others wait for it.
                     if getattr(e, "pasted", False):
@@ -3711,9 +3714,36 @@ class Handoffs:
             if worker and worker["lost"]:
                 self._lost(job, json.loads(worker["lost"])["reason"])
             elif job["terminal_id"] and self.tracker.status(job["terminal_id"]):
+                if not job["submitted"]:  # the server died while it gave the prompt
+                    try:
+                        self._submit(job["job_id"], job["terminal_id"], job["prompt"],
+                                     tmux_buffer_exists(f"cao-job-{job['job_id']}"))
+                    except CaoError as e:
+                        self._finish(job["job_id"], "error", error=f"the prompt could not be "
+                                     f"given after a server restart: {e}")
+                        continue
                 self._follow(job["job_id"], job["terminal_id"], teardown=False)
             else:
                 self._finish(job["job_id"], "error", error="the worker was gone after a server restart")
+
+    def _submit(self, job_id, terminal_id, prompt, pasted=None):
+        """Give the worker its prompt exactly once, across a server crash: the paste
+        keeps a tmux buffer until the job says submitted, so recovery can tell a paste
+        that happened (then only press Enter) from one that did not (paste it)."""
+        buffer = f"cao-job-{job_id}"
+        if pasted:
+            self.typist.ensure_submitted(terminal_id, prompt)
+        else:
+            self.typist.send(terminal_id, prompt, buffer)
+        self.store.execute("UPDATE handoff_jobs SET submitted = 1 WHERE job_id = ?", (job_id,))
+        tmux("delete-buffer", "-b", buffer, check=False)
+
+    def _tell(self, caller_id, agent, job_id, error):
+        try:
+            self.inbox.post("cao", caller_id, f"[cao] Your handoff to {agent} (job {job_id}) "
+                                              f"failed: {error}")
+        except CaoError:
+            pass  # the caller is gone as well; the job keeps the error
 
     def _on_lost(self, terminal_id, reason):
         for job in self.store.query("SELECT * FROM handoff_jobs WHERE state = 'running'"
@@ -3727,11 +3757,7 @@ class Handoffs:
                  f"`cao session resume` brings it back with its conversation, so ask it "
                  "again with send_message, or hand the task off anew")
         if self._finish(job["job_id"], "error", error=error) and job["caller_id"]:
-            try:
-                self.inbox.post("cao", job["caller_id"], f"[cao] Your handoff to "
-                                f"{job['agent_profile']} (job {job['job_id']}) failed: {error}")
-            except CaoError:
-                pass  # the caller is gone as well; the job keeps the error
+            self._tell(job["caller_id"], job["agent_profile"], job["job_id"], error)
 
     def result(self, job_id):
         job = self.store.one("SELECT * FROM handoff_jobs WHERE job_id = ?", (_job_id(job_id),))
@@ -3750,8 +3776,8 @@ class Handoffs:
         job_id = _job_id(job_id) if job_id is not None else uuid.uuid4().hex
         try:
             self.store.insert("INSERT INTO handoff_jobs(job_id, caller_id, agent_profile, state,"
-                              " created_at) VALUES (?,?,?,?,?)",
-                              (job_id, caller_id, agent, "running", time.time()))
+                              " created_at, prompt, submitted) VALUES (?,?,?,?,?,?,0)",
+                              (job_id, caller_id, agent, "running", time.time(), prompt))
         except sqlite3.IntegrityError:
             raise Conflict(f"handoff job {job_id} already exists; use a new job_id")
         try:
@@ -3768,12 +3794,14 @@ class Handoffs:
                                                description=description, use_worktree=use_worktree)
             wid = worker["id"]
             self.store.execute("UPDATE handoff_jobs SET terminal_id = ? WHERE job_id = ?", (wid, job_id))
-            self.typist.send(wid, prompt)
+            self._submit(job_id, wid, prompt)
             if caller_id:
                 self.store.emit("message_sent", worker["session_name"], wid, sender=caller_id,
                                 message=prompt, orchestration_type="handoff")
         except CaoError as e:
-            self._finish(job_id, "error", error=str(e))
+            if self._finish(job_id, "error", error=str(e)) and caller_id and \
+                    tmux_died_under(self.store, caller_id):
+                self._tell(caller_id, agent, job_id, str(e))  # its own tool call died too
             raise
         status, answer = self._wait_answer(wid, ("waiting_user_answer",), timeout)
         if status in ("completed", "idle"):
@@ -4215,49 +4243,56 @@ class Resumer:
             " GROUP BY session_name ORDER BY MIN(created_at)")]
 
     def resume_all(self):
-        return {"sessions": [self.resume(name) for name in self.lost_sessions()]}
+        return {"sessions": self._resume(self.lost_sessions())}
 
-    def resume(self, name, timeout=None):
+    def resume(self, name):
         """Start every lost terminal of session `name` again, each continuing its CLI's
         conversation where its provider can, else fresh; then wait until they are ready."""
         name = session_name_for(name)
-        session = self.store.one("SELECT * FROM sessions WHERE name = ?", (name,))
-        if not session:
+        if not self.store.one("SELECT 1 AS x FROM sessions WHERE name = ?", (name,)):
             raise NotFound(f"session {name} not found; list sessions with `cao session list`")
-        with self.lock:
-            rows = self.store.query("SELECT * FROM terminals WHERE session_name = ? AND lost IS"
-                                    " NOT NULL ORDER BY created_at, rowid", (name,))
-            session_env = json.loads(session["env_vars"] or "{}")
-            results, started = [], []
-            for row in rows:
-                try:
-                    mode = self._start(row, session_env, name not in tmux_sessions())
-                    started.append(row["id"])
-                    results.append({"terminal_id": row["id"], "resumed": mode})
-                except CaoError as e:
-                    reason = f"resume failed: {e}"
-                    self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
-                        {"at": time.time(), "reason": reason}), row["id"]))
-                    results.append({"terminal_id": row["id"], "resumed": "failed", "detail": str(e)})
-        deadline = time.monotonic() + (timeout or self.terminals.init_timeout(None))
-        for result in results:
-            if result["terminal_id"] in started:
-                try:
-                    self.tracker.wait_ready(result["terminal_id"],
-                                            max(0.0, deadline - time.monotonic()))
-                    self._settle(result["terminal_id"], deadline)
-                except CaoError as e:
-                    result["detail"] = str(e)
-                result["status"] = self.tracker.status(result["terminal_id"]) or "error"
-        return {"session_name": name, "terminals": results}
+        return self._resume([name])[0]
 
-    def _settle(self, terminal_id, deadline):
+    def _resume(self, names):
+        """Start the windows of all the sessions first, then wait for them together:
+        the CLIs load side by side."""
+        results, started = {}, []
+        with self.lock:
+            for name in names:
+                session = self.store.one("SELECT * FROM sessions WHERE name = ?", (name,))
+                session_env = json.loads(session["env_vars"] or "{}") if session else {}
+                results[name] = []
+                for row in self.store.query("SELECT * FROM terminals WHERE session_name = ? AND"
+                                            " lost IS NOT NULL ORDER BY created_at, rowid", (name,)):
+                    try:
+                        mode = self._start(row, session_env, name not in tmux_sessions())
+                        started.append(row["id"])
+                        results[name].append({"terminal_id": row["id"], "resumed": mode})
+                    except CaoError as e:
+                        self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
+                            {"at": time.time(), "reason": f"resume failed: {e}"}), row["id"]))
+                        results[name].append({"terminal_id": row["id"], "resumed": "failed",
+                                              "detail": str(e)})
+        deadline = time.monotonic() + self.terminals.init_timeout(None)
+        by_id = {r["terminal_id"]: r for name in names for r in results[name]}
+        for terminal_id in started:
+            try:
+                self.tracker.wait_ready(terminal_id, max(0.0, deadline - time.monotonic()))
+            except CaoError as e:
+                by_id[terminal_id]["detail"] = str(e)
+        self._settle(started, deadline)
+        for terminal_id in started:
+            by_id[terminal_id]["status"] = self.tracker.status(terminal_id) or "error"
+        return [{"session_name": name, "terminals": results[name]} for name in names]
+
+    def _settle(self, terminal_ids, deadline):
         """A resumed CLI draws its prompt, then loads and redraws the old conversation
         (Gemini CLI, Qwen Code), and what is typed meanwhile is lost: it is ready once
         its screen has been still for RESUME_QUIET s."""
         deadline = min(deadline, time.monotonic() + RESUME_SETTLE_MAX)
         while time.monotonic() < deadline:
-            quiet = self.watcher.quiet_for(terminal_id)
+            quiet = min([self.watcher.quiet_for(t) for t in terminal_ids if t in self.live],
+                        default=RESUME_QUIET)
             if quiet >= RESUME_QUIET:
                 return
             self.store.wait_until(lambda: False, RESUME_QUIET - quiet)

@@ -219,3 +219,35 @@ def test_a_hung_worker_is_reported_never_removed(cao_env):
     assert "hung_after in settings.json is 1 s" in told[0]["message"]
     term = _terminal(cao_env, worker["id"])
     assert term["status"] == "processing" and term["lost"] is None  # reported, never removed
+
+
+@pytest.mark.parametrize("pasted", [True, False])
+def test_a_handoff_prompt_cut_by_a_server_crash_is_given_exactly_once(cao_env, pasted):
+    """The server died while it gave a handoff's worker its prompt: after the paste
+    (the text waits in the input line; its tmux buffer says so) or before it."""
+    import sqlite3
+    import time
+    audit = cao_env.home.parent / "demo.log"
+    cao_env.env["CAO_DEMO_LOG"] = str(audit)
+    proc = cao_env.start_server()
+    sup = demo_session(cao_env, "crash", "code_supervisor")
+    code, worker = cao_env.request("POST", "/sessions/cao-crash/terminals",
+                                   {"agent_profile": "developer", "provider": "demo",
+                                    "caller_id": sup})
+    assert code == 201
+    kill_pid(proc.pid, signal.SIGKILL)
+    job = "cd" * 16
+    with sqlite3.connect(cao_env.home / "db" / "cao.db") as db:
+        db.execute("INSERT INTO handoff_jobs(job_id, caller_id, terminal_id, agent_profile,"
+                   " state, created_at, prompt, submitted) VALUES (?,?,?,?,?,?,?,0)",
+                   (job, sup, worker["id"], "developer", "running", time.time(), "cut task"))
+    if pasted:
+        cao_env.tmux("send-keys", "-t", f"=cao-crash:{worker['name']}", "-l", "cut task")
+        cao_env.tmux("set-buffer", "-b", f"cao-job-{job}", "pasted")
+    cao_env.start_server()
+    result = wait_for(lambda: (lambda r: r if r["state"] != "running" else None)(
+        cao_env.request("GET", f"/handoff-results/{job}")[1]), 30, what="the job ended")
+    assert result["state"] == "completed" and result["last_message"] == "done: cut task", result
+    inputs = [json.loads(line)["input"] for line in audit.read_text().splitlines()
+              if json.loads(line)["terminal_id"] == worker["id"]]
+    assert inputs == ["cut task"]
