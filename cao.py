@@ -4282,8 +4282,46 @@ class Resumer:
                 by_id[terminal_id]["detail"] = str(e)
         self._settle(started, deadline)
         for terminal_id in started:
+            if by_id[terminal_id]["resumed"] == "conversation" and \
+                    self.tracker.status(terminal_id) == "error":
+                by_id[terminal_id].update(self._start_over(terminal_id, deadline))
             by_id[terminal_id]["status"] = self.tracker.status(terminal_id) or "error"
         return [{"session_name": name, "terminals": results[name]} for name in names]
+
+    def _start_over(self, terminal_id, deadline):
+        """Its CLI could not resume the conversation (the CLI never saved it, or it was
+        deleted) and exited or shows an error: start a new conversation in its place,
+        so the terminal is usable, and say why."""
+        row = self.store.one("SELECT * FROM terminals WHERE id = ?", (terminal_id,))
+        session = self.store.one("SELECT env_vars FROM sessions WHERE name = ?",
+                                 (row["session_name"],))
+        old_pane, lines = row["pane_id"], []
+        try:
+            lines = [ln.strip() for ln in tmux_capture(old_pane, "all").splitlines()
+                     if ln.strip() and not ln.startswith("Pane is dead")]
+        except TmuxError:
+            pass
+        why = (f"its conversation {row['conversation_id']} could not be resumed"
+               + (f" ({' / '.join(lines[-2:])[:200]})" if lines else "") + "; started a new one")
+        self.watcher.remove(terminal_id)
+        self.live.pop(terminal_id, None)
+        try:
+            with self.lock:
+                self._start({**row, "conversation_id": None},
+                            json.loads(session["env_vars"] or "{}") if session else {},
+                            row["session_name"] not in tmux_sessions(), detail=why)
+        except CaoError as e:
+            why = f"{why[:why.rindex(';')]}, and a new start failed: {e}"
+            self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?",
+                               (json.dumps({"at": time.time(), "reason": why}), terminal_id))
+            return {"resumed": "failed", "detail": why}
+        finally:  # after the new window opened: the old one may be its session's last
+            tmux("kill-pane", "-t", old_pane, check=False)
+        try:
+            self.tracker.wait_ready(terminal_id, max(1.0, deadline - time.monotonic()))
+        except CaoError as e:
+            return {"resumed": "fresh", "detail": f"{why}, which failed too: {e}"}
+        return {"resumed": "fresh", "detail": why}
 
     def _settle(self, terminal_ids, deadline):
         """A resumed CLI draws its prompt, then loads and redraws the old conversation
@@ -4297,7 +4335,7 @@ class Resumer:
                 return
             self.store.wait_until(lambda: False, RESUME_QUIET - quiet)
 
-    def _start(self, row, session_env, new_session):
+    def _start(self, row, session_env, new_session, detail=None):
         spec = get_provider(row["provider"])
         profile = load_profile(row["agent_profile"])
         if not provider_installed(spec):
@@ -4316,7 +4354,8 @@ class Resumer:
                            (pane_id, mode, row["conversation_id"], row["id"]))
         self.terminals.adopt(row["id"], pane_id)
         self.store.emit("terminal_resumed", row["session_name"], row["id"], resumed=mode,
-                        conversation_id=row["conversation_id"])
+                        conversation_id=row["conversation_id"],
+                        **({"detail": detail} if detail else {}))
         return mode
 
 
@@ -6801,6 +6840,11 @@ def run_demo_agent(profile, session_id=None, resume=None):
     delay = float(os.environ.get("CAO_DEMO_DELAY", "0.3") or 0)
     audit = os.environ.get("CAO_DEMO_LOG")
     conversation = DemoConversation(resume or session_id)
+    if resume and not conversation.path.exists():  # as Claude Code does
+        print(f"No conversation found with session ID: {resume}", file=sys.stderr)
+        return 1
+    if session_id:  # saved from the start, so even a conversation with no turns resumes
+        conversation.path.touch()
     interactive = os.isatty(0)
     saved = termios.tcgetattr(0) if interactive else None
     out = sys.stdout
@@ -7318,8 +7362,10 @@ def cmd_session_resume(args):
         if not session["terminals"]:
             print(f"{session['session_name']}: nothing to resume (no terminal of it is lost)")
         for term in session["terminals"]:
-            how = {"conversation": "conversation resumed", "fresh": "started fresh (its CLI "
-                   "cannot resume)", "failed": "failed"}[term["resumed"]]
+            how = {"conversation": "conversation resumed", "fresh": "started fresh",
+                   "failed": "failed"}[term["resumed"]]
+            if term["resumed"] == "fresh" and not term.get("detail"):
+                how += " (its CLI cannot resume)"
             detail = f": {term['detail']}" if term.get("detail") else ""
             print(f"{session['session_name']} {term['terminal_id']}: {how}, status "
                   f"{term.get('status', 'lost')}{detail}")

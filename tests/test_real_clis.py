@@ -545,6 +545,10 @@ def test_real_cli_continues_its_conversation_after_tmux_dies(real_env, mock, pro
     # Codex tells its conversation's id in its notify at the end of the turn.
     conversation = wait_for(lambda: env.request("GET", f"/terminals/{term}")[1]["conversation_id"],
                             30, what="the conversation id known")
+    if provider == "claude_code":  # it saves the turn a moment after its Stop hook fires
+        wait_for(lambda: any("RESUME-MARKER-77" in p.read_text(errors="replace") for p in
+                             (env.user_home / ".claude" / "projects").glob("*/*.jsonl")),
+                 60, what="Claude Code's transcript saved")
     pids = env.tmux_pids()
     env.tmux("kill-server")
     for pid in pids:  # the CLIs' own children (MCP servers) share their process groups

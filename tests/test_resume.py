@@ -113,6 +113,27 @@ def test_a_handoff_cut_by_tmux_dying_fails_clearly_and_tells_its_caller(cao_env)
     assert state["state"] == "error" and "was lost" in state["error_message"]
 
 
+def test_a_conversation_its_cli_cannot_resume_starts_fresh_and_says_why(server):
+    sup = demo_session(server, "gone", "code_supervisor")
+    assert ask(server, sup, "a turn the CLI never saved") == "done: a turn the CLI never saved"
+    conversation = _terminal(server, sup)["conversation_id"]
+    (server.home / "demo-conversations" / f"{conversation}.jsonl").unlink()
+
+    _kill_tmux(server)
+    _lost(server, sup)
+    done = server.run("session", "resume", "gone", "--json", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [term] = json.loads(done.stdout)[0]["terminals"]
+    assert term["resumed"] == "fresh" and term["status"] in ("idle", "completed"), term
+    assert f"its conversation {conversation} could not be resumed" in term["detail"]
+    assert "No conversation found" in term["detail"]
+    after = _terminal(server, sup)
+    assert after["resumed"] == "fresh" and after["conversation_id"] not in (None, conversation)
+    assert ask(server, sup, "/history") == "done: history (0):"
+    windows = server.tmux("list-windows", "-t", "=cao-gone", "-F", "#{window_name}").stdout.split()
+    assert windows == [after["name"]]
+
+
 def test_resume_session_id_starts_a_cli_on_an_earlier_conversation(server):
     tid = demo_session(server, "first")
     assert ask(server, tid, "the first session's turn") == "done: the first session's turn"
