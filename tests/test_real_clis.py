@@ -563,7 +563,11 @@ def test_real_cli_continues_its_conversation_after_tmux_dies(real_env, mock, pro
     assert env.request("GET", f"/terminals/{term}")[1]["conversation_id"] == conversation
     mock.reply("second turn", text="SECOND-ANSWER")
     env.send(term, "second turn: what did I ask you to remember?")
-    second = mock.wait_for(lambda r: r["kind"] == "main" and "second turn" in r["user_text"])
+    try:
+        second = mock.wait_for(lambda r: r["kind"] == "main" and "second turn" in r["user_text"],
+                               60)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nscreen: {env.screen(term)[-2000:]}") from None
     assert "RESUME-MARKER-77" in json.dumps(second["body"]), second["body"]
     # The resumed screen shows the first answer as completed; wait for the new one.
     wait_for(lambda: env.status(term) == "completed" and env.request(
