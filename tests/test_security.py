@@ -207,7 +207,7 @@ def test_session_send_puts_the_message_in_the_body(server, monkeypatch, capsys):
     assert sent.returncode == 0, sent.stderr
     term = server.request("GET", "/sessions/cao-big")[1]["terminals"][0]
     wait_for(lambda: server.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
-             what="the long message answered")
+             30, what="the long message answered")
     code, out = server.request("GET", f"/terminals/{term['id']}/output?mode=last")
     assert out["output"] == "done: long message"
     # Past the limit: one line from the CLI (argv cannot carry 300 KB, so call main()).
