@@ -3943,6 +3943,27 @@ def _options(**values):
 _WORKDIR_FLAG = {"working_directory": "CAO_ENABLE_WORKING_DIRECTORY"}
 
 
+HANDOFF_SERVER_PATIENCE = 120.0  # s a handoff waits for its cao-server to come back
+
+
+def _rejoin_handoff(client, job_id, deadline):
+    """cao-server died under a handoff. It keeps the job and follows the worker when it
+    restarts, so wait for it and then for the job's end (until the handoff's own
+    deadline): the job, or None if the server never came back or never had the job."""
+    job, answered = None, time.monotonic()
+    while True:
+        try:
+            job, answered = client.handoff_result(job_id), time.monotonic()
+        except ServerUnavailable:
+            if time.monotonic() - answered > HANDOFF_SERVER_PATIENCE:
+                return job
+        except NotFound:  # it died before it recorded the job
+            return None
+        if job and (job["state"] != "running" or time.monotonic() > deadline):
+            return job
+        time.sleep(0.5)
+
+
 @agent_tool("wait for a worker's answer", _WORKDIR_FLAG)
 def handoff(agent_profile: str, message: str, timeout: int = 600,
             working_directory: str | None = None, model: str | None = None,
@@ -3976,9 +3997,15 @@ def handoff(agent_profile: str, message: str, timeout: int = 600,
         return {"success": False, "output": None, "terminal_id": wid, "job_id": job_id,
                 "message": f"Handoff failed: {e}"}
     except ServerUnavailable as e:
-        return {"success": False, "pending": True, "job_id": job_id, "output": None,
-                "terminal_id": None, "message": f"Handoff interrupted ({e}); get_handoff_result("
-                                                f"job_id={job_id!r}) tells how it ended"}
+        step = _rejoin_handoff(client, job_id, started + timeout)
+        if step is None or step["state"] == "running":
+            return {"success": False, "pending": True, "job_id": job_id, "output": None,
+                    "terminal_id": step and step["terminal_id"],
+                    "message": f"Handoff interrupted ({e}); get_handoff_result("
+                               f"job_id={job_id!r}) tells how it ended"}
+        if step["state"] != "completed":
+            return {"success": False, "output": None, "terminal_id": step["terminal_id"],
+                    "job_id": job_id, "message": f"Handoff failed: {step['error_message']}"}
     return {"success": True, "output": step["last_message"], "terminal_id": step["terminal_id"],
             "job_id": job_id, "message": f"Successfully handed off to {agent_profile} "
                                          f"({body['provider']}) in {time.monotonic() - started:.1f}s"}

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import call_tool, demo_session, wait_for
+from conftest import call_tool, demo_session, kill_pid, wait_for
 
 pytest.importorskip("mcp")
 
@@ -58,6 +58,30 @@ def test_a_handoff_that_times_out_still_yields_its_answer(cao_env):
     job = wait_for(finished, 60, 0.5, "the late answer")
     assert job["state"] == "completed" and job["last_message"] == "done: slow work"
     assert _status(cao_env, result["terminal_id"]) == "completed"  # kept: the caller had left
+
+
+def test_a_handoff_outlives_a_server_crash_and_returns_its_answer(cao_env):
+    """cao-server is SIGKILLed while a handoff's worker is busy: the tool call waits
+    for the restarted server, which kept the job and followed the worker."""
+    import signal
+    import threading
+    cao_env.env["CAO_DEMO_DELAY"] = "8"
+    proc = cao_env.start_server()
+    sup = _session(cao_env, "crash")
+    outcome = {}
+    call = threading.Thread(target=lambda: outcome.update(result=call_tool(
+        cao_env, "handoff", {"agent_profile": "developer", "message": "survive it"}, sup)[1]))
+    call.start()
+    try:
+        wait_for(lambda: [t for t in cao_env.request("GET", "/sessions/cao-crash")[1]["terminals"]
+                          if t["agent_profile"] == "developer" and t["status"] == "processing"],
+                 60, what="the worker busy")
+        kill_pid(proc.pid, signal.SIGKILL)
+        cao_env.start_server()
+    finally:
+        call.join(120)
+    result = outcome.get("result")
+    assert result and result["success"] and result["output"] == "done: survive it", result
 
 
 def test_answer_user_prompt_answers_a_waiting_worker_only(server):
