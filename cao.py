@@ -4215,6 +4215,7 @@ class Resumer:
         self.store, self.bus, self.live, self.watcher = store, bus, live, watcher
         self.tracker, self.terminals, self.launcher = tracker, terminals, launcher
         self.lock = threading.Lock()  # one resume at a time: two would race for the windows
+        self.starting = set()  # terminals being resumed: an error screen may yet be mended
 
     def gone(self, terminal_id, why):
         """A terminal's window vanished: lost if its whole tmux session went (tmux died;
@@ -4296,12 +4297,20 @@ class Resumer:
                         started.append(row["id"])
                         results[name].append({"terminal_id": row["id"], "resumed": mode})
                     except CaoError as e:
+                        self.starting.discard(row["id"])
                         self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
                             {"at": time.time(), "reason": f"resume failed: {e}"}), row["id"]))
                         results[name].append({"terminal_id": row["id"], "resumed": "failed",
                                               "detail": str(e)})
+        try:
+            self._wait_started(started, {r["terminal_id"]: r for name in names
+                                         for r in results[name]})
+        finally:
+            self.starting.difference_update(started)
+        return [{"session_name": name, "terminals": results[name]} for name in names]
+
+    def _wait_started(self, started, by_id):
         deadline = time.monotonic() + self.terminals.init_timeout(None)
-        by_id = {r["terminal_id"]: r for name in names for r in results[name]}
         for terminal_id in started:
             try:
                 self.tracker.wait_ready(terminal_id, max(0.0, deadline - time.monotonic()))
@@ -4311,11 +4320,10 @@ class Resumer:
         for terminal_id in started:
             if by_id[terminal_id]["resumed"] == "conversation" and \
                     self.tracker.status(terminal_id) == "error":
-                by_id[terminal_id].update(self._start_over(terminal_id, deadline))
+                by_id[terminal_id].update(self._start_over(terminal_id))
             by_id[terminal_id]["status"] = self.tracker.status(terminal_id) or "error"
-        return [{"session_name": name, "terminals": results[name]} for name in names]
 
-    def _start_over(self, terminal_id, deadline):
+    def _start_over(self, terminal_id):
         """Its CLI could not resume the conversation (the CLI never saved it, or it was
         deleted) and exited or shows an error: start a new conversation in its place,
         so the terminal is usable, and say why."""
@@ -4345,7 +4353,7 @@ class Resumer:
         finally:  # after the new window opened: the old one may be its session's last
             tmux("kill-pane", "-t", old_pane, check=False)
         try:
-            self.tracker.wait_ready(terminal_id, max(1.0, deadline - time.monotonic()))
+            self.tracker.wait_ready(terminal_id, self.terminals.init_timeout(None))
         except CaoError as e:
             return {"resumed": "fresh", "detail": f"{why}, which failed too: {e}"}
         return {"resumed": "fresh", "detail": why}
@@ -4374,6 +4382,7 @@ class Resumer:
             row = {**row, "conversation_id": str(uuid.uuid4()) if "new_conversation" in args
                    else None}
         env = {**session_env, **self.launcher.window_env(row["id"])}
+        self.starting.add(row["id"])
         pane_id = self.launcher.spawn(spec, profile, row, env, new_session, resume=conversation)
         mode = "conversation" if conversation else "fresh"
         self.store.execute("UPDATE terminals SET pane_id = ?, lost = NULL, resumed = ?,"
@@ -4396,17 +4405,18 @@ class Watchdog(threading.Thread):
     while its processes used no CPU. It never stops or deletes an agent, so one that
     is slow but printing or computing is left alone."""
 
-    def __init__(self, store, bus, live, watcher, tracker, inbox):
+    def __init__(self, store, bus, live, watcher, tracker, inbox, excused=frozenset()):
         super().__init__(name="cao-watchdog", daemon=True)
         self.store, self.live, self.watcher, self.tracker, self.inbox = \
             store, live, watcher, tracker, inbox
+        self.excused = excused  # terminals under repair (being resumed): not reported
         self.told = set()  # terminals whose caller heard of this stop
         self.ticks = {}    # terminal id -> CPU ticks of its processes at the last look
         self.stopping = threading.Event()
         bus.subscribe("status", self._on_status)
 
     def _on_status(self, terminal_id, status):
-        if status == "error":
+        if status == "error" and terminal_id not in self.excused:
             self._report(terminal_id, self._why(terminal_id))
         else:
             self.told.discard(terminal_id)
@@ -5654,7 +5664,7 @@ class App:
         self.resumer = Resumer(store, self.bus, self.live, self.watcher, self.tracker,
                                self.terminals, self.launcher)
         self.watchdog = Watchdog(store, self.bus, self.live, self.watcher, self.tracker,
-                                 self.inbox)
+                                 self.inbox, excused=self.resumer.starting)
         self.memory = MemoryStore(store)
         self.typist.first_input = self.memory.preface
         self.skills = SkillStore(ensure_home() / "skills")

@@ -115,23 +115,32 @@ def test_a_handoff_cut_by_tmux_dying_fails_clearly_and_tells_its_caller(cao_env)
 
 def test_a_conversation_its_cli_cannot_resume_starts_fresh_and_says_why(server):
     sup = demo_session(server, "gone", "code_supervisor")
-    assert ask(server, sup, "a turn the CLI never saved") == "done: a turn the CLI never saved"
-    conversation = _terminal(server, sup)["conversation_id"]
+    code, worker = server.request("POST", "/sessions/cao-gone/terminals",
+                                  {"agent_profile": "reviewer", "provider": "demo",
+                                   "caller_id": sup})
+    assert code == 201, worker
+    wid = worker["id"]
+    assert ask(server, wid, "a turn the CLI never saved") == "done: a turn the CLI never saved"
+    conversation = _terminal(server, wid)["conversation_id"]
     (server.home / "demo-conversations" / f"{conversation}.jsonl").unlink()
 
     _kill_tmux(server)
-    _lost(server, sup)
+    _lost(server, sup, wid)
     done = server.run("session", "resume", "gone", "--json", timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    [term] = json.loads(done.stdout)[0]["terminals"]
+    terms = {t["terminal_id"]: t for t in json.loads(done.stdout)[0]["terminals"]}
+    assert terms[sup]["resumed"] == "conversation"
+    term = terms[wid]
     assert term["resumed"] == "fresh" and term["status"] in ("idle", "completed"), term
     assert f"its conversation {conversation} could not be resumed" in term["detail"]
     assert "No conversation found" in term["detail"]
-    after = _terminal(server, sup)
+    after = _terminal(server, wid)
     assert after["resumed"] == "fresh" and after["conversation_id"] not in (None, conversation)
-    assert ask(server, sup, "/history") == "done: history (0):"
+    assert ask(server, wid, "/history") == "done: history (0):"
     windows = server.tmux("list-windows", "-t", "=cao-gone", "-F", "#{window_name}").stdout.split()
-    assert windows == [after["name"]]
+    assert sorted(windows) == sorted([_terminal(server, sup)["name"], after["name"]])
+    # Its first window's exit was part of the repair, not a stop to report to its caller.
+    assert _cao_messages(server, sup) == []
 
 
 def test_resume_session_id_starts_a_cli_on_an_earlier_conversation(server):
