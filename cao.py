@@ -3295,22 +3295,24 @@ class Terminals:
     def create(self, session_name, agent_profile, provider=None, working_directory=None,
                allowed_tools=None, caller_id=None, new_session=False, initial_message=None,
                model=None, description=None, use_worktree=False, env_vars=None,
-               resume_conversation=None, wait_for_room=True):
+               resume_conversation=None, wait_for_room=True, terminal_id=None):
         """env_vars (new sessions only) reach this terminal and every later one of the
         session. resume_conversation: the CLI continues that conversation of its own.
         Beyond the fleet's limits it waits for room, or fails at once without
-        wait_for_room."""
+        wait_for_room. terminal_id: an id picked beforehand (a handoff job records it
+        first, so a server restart mid-start still finds its worker)."""
         release = self.capacity.admit(wait_for_room)
         try:
             return self._create(session_name, agent_profile, provider, working_directory,
                                 allowed_tools, caller_id, new_session, initial_message, model,
-                                description, use_worktree, env_vars, resume_conversation, release)
+                                description, use_worktree, env_vars, resume_conversation, release,
+                                terminal_id)
         finally:
             release()
 
     def _create(self, session_name, agent_profile, provider, working_directory, allowed_tools,
                 caller_id, new_session, initial_message, model, description, use_worktree,
-                env_vars, resume_conversation, release):
+                env_vars, resume_conversation, release, terminal_id):
         profile = load_profile(agent_profile)
         model = check_model(model) if model is not None else profile.get("model")
         description = check_description(description)
@@ -3333,7 +3335,7 @@ class Terminals:
             parent_tools = self.row(caller_id)["allowed_tools"]
             parent = json.loads(parent_tools) if parent_tools else ["*"]
         tools = profile_tools(profile, allowed_tools, parent)
-        terminal_id = uuid.uuid4().hex[:8]
+        terminal_id = terminal_id or uuid.uuid4().hex[:8]
         worktree = None
         if use_worktree:
             worktree = worktree_add(workdir, self.home / "worktrees" / terminal_id,
@@ -3714,17 +3716,34 @@ class Handoffs:
             if worker and worker["lost"]:
                 self._lost(job, json.loads(worker["lost"])["reason"])
             elif job["terminal_id"] and self.tracker.status(job["terminal_id"]):
-                if not job["submitted"]:  # the server died while it gave the prompt
-                    try:
-                        self._submit(job["job_id"], job["terminal_id"], job["prompt"],
-                                     tmux_buffer_exists(f"cao-job-{job['job_id']}"))
-                    except CaoError as e:
-                        self._finish(job["job_id"], "error", error=f"the prompt could not be "
-                                     f"given after a server restart: {e}")
-                        continue
-                self._follow(job["job_id"], job["terminal_id"], teardown=False)
+                if job["submitted"]:
+                    self._follow(job["job_id"], job["terminal_id"], teardown=False)
+                else:  # the server died while it started the worker or gave the prompt
+                    threading.Thread(target=self._resubmit, args=(job,), daemon=True,
+                                     name=f"handoff-{job['job_id'][:8]}").start()
+            elif job["terminal_id"] and not worker and not job["submitted"]:
+                self._finish(job["job_id"], "error", error=f"cao-server stopped while it started "
+                             f"worker {job['terminal_id']}; hand the task off again")
             else:
                 self._finish(job["job_id"], "error", error="the worker was gone after a server restart")
+
+    def _resubmit(self, job):
+        """Finish what a restart cut: wait until the worker is ready, give it the
+        prompt once, then follow it."""
+        try:
+            self.tracker.wait_ready(job["terminal_id"], self.terminals.init_timeout(None))
+            self._submit(job["job_id"], job["terminal_id"], job["prompt"],
+                         tmux_buffer_exists(f"cao-job-{job['job_id']}"))
+        except CaoError as e:
+            self._finish(job["job_id"], "error", error=f"the prompt could not be given after a "
+                         f"server restart: {e}")
+            return
+        self._follow(job["job_id"], job["terminal_id"], teardown=False)
+
+    def _assign(self, job_id, terminal_id):
+        self.store.execute("UPDATE handoff_jobs SET terminal_id = ? WHERE job_id = ?",
+                           (terminal_id, job_id))
+        return terminal_id
 
     def _submit(self, job_id, terminal_id, prompt, pasted=None):
         """Give the worker its prompt exactly once, across a server crash: the paste
@@ -3783,17 +3802,15 @@ class Handoffs:
         try:
             if reuse_terminal_id:
                 worker, teardown = self.terminals.get(reuse_terminal_id), False
-            elif session_name:
-                worker = self.terminals.create(session_name, agent, provider, working_directory,
-                                               allowed_tools, caller_id, model=model,
-                                               description=description, use_worktree=use_worktree)
+                self._assign(job_id, worker["id"])
             else:
-                worker = self.terminals.create(f"step-{job_id[:8]}", agent, provider,
-                                               working_directory, allowed_tools, caller_id,
-                                               new_session=True, model=model,
-                                               description=description, use_worktree=use_worktree)
+                wid = self._assign(job_id, uuid.uuid4().hex[:8])
+                worker = self.terminals.create(session_name or f"step-{job_id[:8]}", agent,
+                                               provider, working_directory, allowed_tools,
+                                               caller_id, new_session=not session_name,
+                                               model=model, description=description,
+                                               use_worktree=use_worktree, terminal_id=wid)
             wid = worker["id"]
-            self.store.execute("UPDATE handoff_jobs SET terminal_id = ? WHERE job_id = ?", (wid, job_id))
             self._submit(job_id, wid, prompt)
             if caller_id:
                 self.store.emit("message_sent", worker["session_name"], wid, sender=caller_id,
@@ -6889,6 +6906,7 @@ def run_demo_agent(profile, session_id=None, resume=None):
         tty.setcbreak(0)
         out.write("\x1b[?2004h")
     reader = _DemoInput(0)
+    time.sleep(float(os.environ.get("CAO_DEMO_START_DELAY", "0") or 0))  # a CLI slow to load
     out.write(f"cao demo agent (profile: {profile}). Type a message; Ctrl-D exits.\r\n")
     if resume:
         turns = conversation.turns()

@@ -281,3 +281,41 @@ def test_a_handoff_prompt_cut_by_a_server_crash_is_given_exactly_once(cao_env, p
     inputs = [json.loads(line)["input"] for line in audit.read_text().splitlines()
               if json.loads(line)["terminal_id"] == worker["id"]]
     assert inputs == ["cut task"]
+
+
+def test_a_handoff_whose_worker_was_starting_when_the_server_died_still_answers(cao_env):
+    """The job names its worker before the worker's CLI starts, so a restart finds
+    it, waits until it is ready and gives it the prompt once."""
+    cao_env.env["CAO_DEMO_START_DELAY"] = "4"
+    audit = cao_env.home.parent / "demo.log"
+    cao_env.env["CAO_DEMO_LOG"] = str(audit)
+    proc = cao_env.start_server()
+    sup = demo_session(cao_env, "slow", "code_supervisor")
+    job = "ab" * 16
+
+    def run_step():
+        try:
+            cao_env.request("POST", "/terminals/run-step", {
+                "agent": "developer", "prompt": "started late", "session_name": "cao-slow",
+                "caller_id": sup, "provider": "demo", "job_id": job}, timeout=60)
+        except OSError:
+            pass  # cut by the kill, as it should be
+    cut = threading.Thread(target=run_step)
+    cut.start()
+    try:
+        wid = wait_for(lambda: cao_env.request("GET", f"/handoff-results/{job}")[1]
+                       .get("terminal_id"), 20, what="the job names its worker")
+        wait_for(lambda: cao_env.request("GET", f"/terminals/{wid}")[0] == 200, 20,
+                 what="the worker's record")
+        assert _terminal(cao_env, wid)["status"] == "unknown"  # its CLI is still loading
+        kill_pid(proc.pid, signal.SIGKILL)
+    finally:
+        cut.join(60)
+    cao_env.start_server()
+    result = wait_for(lambda: (lambda r: r if r["state"] != "running" else None)(
+        cao_env.request("GET", f"/handoff-results/{job}")[1]), 60, what="the job ended")
+    assert result["state"] == "completed" and result["last_message"] == "done: started late", \
+        result
+    inputs = [json.loads(line)["input"] for line in audit.read_text().splitlines()
+              if json.loads(line)["terminal_id"] == wid]
+    assert inputs == ["started late"]
