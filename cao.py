@@ -108,6 +108,10 @@ class Conflict(CaoError):
     status = 409
 
 
+class Busy(Conflict):
+    """Input held back: the agent turned busy before its turn to type came."""
+
+
 class TooLarge(CaoError):
     status = 413
 
@@ -2830,8 +2834,10 @@ class TerminalInput:
         self.store, self.live, self.watcher, self.tracker = store, live, watcher, tracker
         self.first_input = None  # (row, message) -> the message a terminal gets first
 
-    def send(self, terminal_id, message, keep_buffer=None):
-        """Paste message as one bracketed paste, press Enter, and confirm the agent took it."""
+    def send(self, terminal_id, message, keep_buffer=None, only_if=None):
+        """Paste message as one bracketed paste, press Enter, and confirm the agent took it.
+        only_if() is asked again once this input's turn comes (other input may have
+        gone first and made the agent busy); False raises Busy."""
         check_message(message)
         row = terminal_row(self.store, terminal_id)
         if row["memory_context"] is None and self.first_input:
@@ -2843,6 +2849,9 @@ class TerminalInput:
         spec = get_provider(row["provider"])
         pane_id = row["pane_id"]
         with term.input_lock:
+            if only_if and not only_if():
+                raise Busy(f"terminal {terminal_id} turned {term.status} before the input "
+                           "could be typed")
             tmux_paste(pane_id, message, keep_buffer)
             try:
                 delay = spec.get("submit", {}).get("enter_delay", 0)
@@ -3671,7 +3680,11 @@ class Inbox:
                                f"WHERE id IN ({marks})", (ids[0], *ids))
             buffer = f"cao-msg-{ids[0]}"
             try:
-                self.typist.send(receiver_id, "\n".join(r["message"] for r in batch), buffer)
+                self.typist.send(receiver_id, "\n".join(r["message"] for r in batch), buffer,
+                                 only_if=lambda: self._ready(receiver_id))
+            except Busy:  # other input went first; the next idle delivers these
+                self._set_rows(ids, "queued")
+                return
             except CaoError as e:
                 if tmux_died_under(self.store, receiver_id):
                     # The receiver comes back with `cao session resume`. A message pasted

@@ -513,8 +513,11 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
     failed = [t for t, s in status.items() if "failed" in s and "delivered" not in s]
     lost = [t for t, s in status.items() if "delivered" not in s and "failed" not in s]
     unanswered = [t for t in delivered if not seen[t]]
+    # cao marks a paste that tmux's death cut as delivered (never pasted twice), with
+    # this reason; the agent died before it could answer.
     unanswered_at_kill = [t for t in unanswered if any(
-        r["delivered_at"] and near(r["delivered_at"], tmux_walls, 5, 0) for r in by_token[t])]
+        "tmux died just after the paste" in (r["reason"] or "") or
+        (r["delivered_at"] and near(r["delivered_at"], tmux_walls, 5, 0)) for r in by_token[t])]
     dup = {t: c for t, c in seen.items() if c > 1}
     first_answer = {}
     for entry in entries:
@@ -599,7 +602,7 @@ def markdown(s):
         ("... delivered", m["delivered"]),
         ("... failed (with a reason)", m["failed"]),
         ("... lost (accepted, never delivered nor failed)", m["lost"]),
-        ("... delivered but never answered by the agent (of which pasted <= 5 s before a tmux kill)",
+        ("... delivered but never answered by the agent (of which pasted as tmux was killed)",
          f"{m['delivered_never_answered']} ({m['delivered_never_answered_within_5s_before_a_tmux_kill']})"),
         ("... duplicated: answered twice (of which first answered -5..+2 s around a tmux kill)",
          f"{m['duplicated']} ({m['duplicated_first_answer_within_5s_of_a_tmux_kill']})"),
