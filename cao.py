@@ -3710,6 +3710,9 @@ class Inbox:
 
 
 
+ANSWER_IN_FLIGHT = 30.0  # s after a handoff answered in which its caller may not have read it
+
+
 class Handoffs:
     """Handoffs the server runs (POST /terminals/run-step): start the worker, give it
     the prompt, wait for its answer, remove it. Each carries the caller's job id, and
@@ -3781,6 +3784,19 @@ class Handoffs:
         for job in self.store.query("SELECT * FROM handoff_jobs WHERE state = 'running'"
                                     " AND terminal_id = ?", (terminal_id,)):
             self._lost(job, reason)
+        # A caller lost just after its handoff answered may never have shown the answer.
+        now = time.time()
+        for job in self.store.query("SELECT * FROM handoff_jobs WHERE caller_id = ? AND"
+                                    " state = 'completed' AND finished_at >= ?",
+                                    (terminal_id, now - ANSWER_IN_FLIGHT)):
+            try:
+                self.inbox.post("cao", terminal_id, f"[cao] Your handoff to "
+                                f"{job['agent_profile']} (job {job['job_id']}) answered "
+                                f"{now - job['finished_at']:.0f} s before you were lost with "
+                                f"tmux; in case its answer never reached you, it was:\n"
+                                f"{job['last_message']}")
+            except CaoError:
+                pass  # too long for an inbox message: get_handoff_result still has it
 
     def _lost(self, job, reason):
         """The worker of a running handoff died with tmux: the job fails, and its caller,
@@ -4278,9 +4294,16 @@ class Resumer:
         """At server start: take back the windows that outlived the server, mark the
         terminals whose tmux session is gone as lost, forget closed windows."""
         panes, sessions = tmux_list_panes(), tmux_sessions()
+        by_window = {(p["session"], p["window"]): pane_id for pane_id, p in panes.items()}
         for row in self.store.query("SELECT * FROM terminals WHERE lost IS NULL"):
             pane = panes.get(row["pane_id"] or "")
-            if pane and pane["session"] == row["session_name"]:
+            unrecorded = not row["pane_id"] and by_window.get((row["session_name"],
+                                                               row["window_name"]))
+            if unrecorded:  # the server died after it opened the window, before it saved it
+                self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?",
+                                   (unrecorded, row["id"]))
+                self.terminals.adopt(row["id"], unrecorded)
+            elif pane and pane["session"] == row["session_name"]:
                 self.terminals.adopt(row["id"], row["pane_id"])
             elif row["session_name"] in sessions:
                 self.terminals.forget(row["id"], "its tmux window was closed")

@@ -346,6 +346,9 @@ class Chain(threading.Thread):
         while time.monotonic() < deadline:
             turns = self.sup_turns()[seen:]
             for turn in turns:
+                if turn["input"].startswith("[cao] Your handoff") and \
+                        f"done: done: {token}" in turn["input"]:  # answered as tmux died
+                    return self.record(token, started, "answered", "", via_inbox=True)
                 if token in turn["input"]:
                     ok = turn["answer"] == f"done: done: done: {token}"
                     return self.record(token, started, "answered" if ok else "failed",

@@ -315,7 +315,24 @@ def test_a_handoff_whose_worker_was_starting_when_the_server_died_still_answers(
     result = wait_for(lambda: (lambda r: r if r["state"] != "running" else None)(
         cao_env.request("GET", f"/handoff-results/{job}")[1]), 60, what="the job ended")
     assert result["state"] == "completed" and result["last_message"] == "done: started late", \
-        result
+        result["error_message"]
     inputs = [json.loads(line)["input"] for line in audit.read_text().splitlines()
               if json.loads(line)["terminal_id"] == wid]
     assert inputs == ["started late"]
+
+
+def test_a_handoff_answer_that_tmux_cut_on_its_way_reaches_the_caller_after_resume(server):
+    """The worker answered, then tmux died before the caller could show the answer:
+    the caller's inbox gets it after the resume."""
+    sup = demo_session(server, "inflight", "code_supervisor")
+    code, step = server.request("POST", "/terminals/run-step", {
+        "agent": "developer", "prompt": "answered in time", "session_name": "cao-inflight",
+        "caller_id": sup, "provider": "demo", "teardown": False}, timeout=60)
+    assert code == 200 and step["last_message"] == "done: answered in time", step
+    _kill_tmux(server)
+    _lost(server, sup)
+    done = server.run("session", "resume", "inflight", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    told = wait_for(lambda: [m for m in _cao_messages(server, sup) if m["status"] == "delivered"],
+                    30, what="the answer in the caller's inbox")
+    assert "answered" in told[0]["message"] and "done: answered in time" in told[0]["message"]
