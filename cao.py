@@ -6731,8 +6731,21 @@ def run_mcp_server(table=AGENT_TOOLS, name=CAO_MCP_NAME,
     for func, _, flagged in table:
         # A dict result is structured content too; a text result (a skill) stays text.
         server.tool(structured_output=_returns_dict(func))(_as_mcp_tool(func, flagged))
-    server.run()
+    try:
+        server.run()
+    except Exception as e:
+        if not _agent_hung_up(e):
+            raise
     return 0
+
+
+def _agent_hung_up(error):
+    """True for an error, or a group of them, that only says the agent closed our
+    pipes (it exited, or died with its tmux): nothing is wrong with the server."""
+    inner = getattr(error, "exceptions", None)
+    if inner is not None:
+        return all(_agent_hung_up(e) for e in inner)
+    return isinstance(error, (BrokenPipeError, ConnectionResetError))
 
 
 ###############################################################################

@@ -144,3 +144,31 @@ def test_model_and_use_worktree_reach_the_worker(server):
     assert worker["worktree"] not in listed
     branches = subprocess.run(["git", "-C", str(repo), "branch"], capture_output=True, text=True).stdout
     assert branch not in branches  # no commits of its own: the branch goes too
+
+
+def test_an_agent_that_hangs_up_ends_cao_mcp_quietly(cao_env):
+    """An agent that exits (or dies with its tmux) closes the pipes under `cao mcp`:
+    it ends with status 0 and no traceback in the agent's MCP log."""
+    import json
+    import os
+    from conftest import CAO
+    proc = subprocess.Popen(CAO + ["mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**cao_env.env, "CAO_TERMINAL_ID": "0" * 8})
+    try:
+        def send(message):
+            proc.stdin.write((json.dumps({"jsonrpc": "2.0", **message}) + "\n").encode())
+            proc.stdin.flush()
+        send({"id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "gone-agent", "version": "1"}}})
+        assert b'"id":1' in proc.stdout.readline()
+        send({"method": "notifications/initialized"})
+        proc.stdout.close()  # the agent is gone: the next answer has nowhere to go
+        send({"id": 2, "method": "tools/list"})
+        proc.stdin.close()
+        assert proc.wait(30) == 0
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            kill_pid(proc.pid)
