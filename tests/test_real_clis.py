@@ -496,8 +496,9 @@ def test_real_cli_from_a_fresh_home(real_env, mock, provider):
         return
     env.send(term, "hello from a fresh machine")
     env.wait_status(term, "completed")
-    assert env.request("GET", f"/terminals/{term}/output?mode=last")[1]["output"] == \
-        f"FRESH-{provider}", env.screen(term)[-2000:]
+    code, answer = env.request("GET", f"/terminals/{term}/output?mode=last")
+    assert code == 200 and answer["output"] == f"FRESH-{provider}", \
+        (code, answer, env.screen(term)[-2000:])
 
 
 NO_LOGIN_CLIS = [name for name in BINARIES if cao.PROVIDERS[name].get("login_screen")]

@@ -206,8 +206,13 @@ def test_session_send_puts_the_message_in_the_body(server, monkeypatch, capsys):
     sent = server.run("session", "send", "cao-big", long_text, "--async")
     assert sent.returncode == 0, sent.stderr
     term = server.request("GET", "/sessions/cao-big")[1]["terminals"][0]
-    wait_for(lambda: server.request("GET", f"/terminals/{term['id']}")[1]["status"] == "completed",
-             30, what="the long message answered")
+    try:
+        wait_for(lambda: server.request("GET", f"/terminals/{term['id']}")[1]["status"]
+                 == "completed", 60, what="the long message answered")
+    except AssertionError as e:
+        status = server.request("GET", f"/terminals/{term['id']}")[1]["status"]
+        screen = server.tmux("capture-pane", "-p", "-t", f"=cao-big:{term['name']}").stdout
+        raise AssertionError(f"{e}; status {status}, screen ends {screen.strip()[-300:]!r}")
     code, out = server.request("GET", f"/terminals/{term['id']}/output?mode=last")
     assert out["output"] == "done: long message"
     # Past the limit: one line from the CLI (argv cannot carry 300 KB, so call main()).
