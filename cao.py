@@ -2581,13 +2581,14 @@ class Terminal:
     holds what must outlive the server; this record is rebuilt at start."""
 
     __slots__ = ("id", "status", "input_gen", "input_lock", "native", "submitted_at",
-                 "turn_seen", "unsent", "poke_due", "settling", "dialog_keys_at")
+                 "turn_seen", "unsent", "poke_due", "settling", "dialog_keys_at", "mcp_wait")
 
     def __init__(self, terminal_id):
         self.id, self.status = terminal_id, "unknown"
         self.input_gen = 0               # bumped by each submitted input
         self.input_lock = threading.Lock()
         self.native = None               # the status the CLI itself reported (hooks, notify)
+        self.mcp_wait = None             # until when its first input waits for `cao mcp`
         self.submitted_at = None         # when its last input was submitted (monotonic)
         self.turn_seen = False           # its screen showed the turn since that submit
         self.unsent = None               # [tail of the last input, Enters re-sent, when]
@@ -2753,11 +2754,16 @@ class StatusTracker:
         return self.call("POST", path, timeout=600)
 
     def signal(self, terminal_id, status):
-        """A state the CLI reported itself (Claude Code hook, Codex notify)."""
-        if status not in ("processing", "completed", "waiting_user_answer"):
-            raise CaoError(f"unknown signal {status!r}; use processing, completed or "
-                           "waiting_user_answer")
+        """A state the CLI reported itself (Claude Code hook, Codex notify), or
+        mcp_ready from the terminal's `cao mcp`."""
+        if status not in ("processing", "completed", "waiting_user_answer", "mcp_ready"):
+            raise CaoError(f"unknown signal {status!r}; use processing, completed, "
+                           "waiting_user_answer or mcp_ready")
         terminal_row(self.store, terminal_id)
+        if status == "mcp_ready":
+            _live(self.live, terminal_id).mcp_wait = None
+            self.store.wake()
+            return
         _live(self.live, terminal_id).native = status
         self.watcher.poke(terminal_id)
 
@@ -2846,6 +2852,10 @@ class TerminalInput:
         if term.status == "error":
             raise Conflict(f"terminal {terminal_id}'s agent has exited (status error); "
                            "start a new terminal")
+        if term.mcp_wait:  # a CLI asked before cao's tools connect answers without them
+            self.store.wait_until(lambda: term.mcp_wait is None,
+                                  max(0.0, term.mcp_wait - time.monotonic()))
+            term.mcp_wait = None
         spec = get_provider(row["provider"])
         pane_id = row["pane_id"]
         with term.input_lock:
@@ -3152,6 +3162,9 @@ class Launcher:
                 "disallowed_tools": disallowed}
 
 
+MCP_READY_WAIT = 15.0  # s a new CLI's first input waits for its `cao mcp` to connect
+
+
 class Terminals:
     """Terminal lifecycle: each is a tmux window, a database row and a live record.
     Creating one launches its CLI from the provider entry; deleting one saves its
@@ -3163,10 +3176,14 @@ class Terminals:
         self.capacity = capacity
         self.home = launcher.home
 
-    def adopt(self, terminal_id, pane_id):
+    def adopt(self, terminal_id, pane_id, started=None):
         """Follow a terminal's window (new, or one that outlived a server restart: its
-        saved status may be stale, and the first screen read sets the real one)."""
-        self.live[terminal_id] = Terminal(terminal_id)
+        saved status may be stale, and the first screen read sets the real one).
+        started: the provider entry of a CLI just started here; if it loads cao's MCP
+        server, its first input waits (MCP_READY_WAIT s at most) until that connects."""
+        term = self.live[terminal_id] = Terminal(terminal_id)
+        if started and "{mcp_" in json.dumps(started):
+            term.mcp_wait = time.monotonic() + MCP_READY_WAIT
         self.watcher.add(terminal_id, pane_id)
 
     # -- lookups -----------------------------------------------------------
@@ -3390,7 +3407,7 @@ class Terminals:
             shutil.rmtree(self.home / "terminals" / terminal_id, ignore_errors=True)
             raise
         self.store.execute("UPDATE terminals SET pane_id = ? WHERE id = ?", (pane_id, terminal_id))
-        self.adopt(terminal_id, pane_id)
+        self.adopt(terminal_id, pane_id, spec)
         if new_session:
             self.store.emit("session_created", session_name)
         self.store.emit("terminal_created", session_name, terminal_id,
@@ -4441,7 +4458,7 @@ class Resumer:
         self.store.execute("UPDATE terminals SET pane_id = ?, lost = NULL, resumed = ?,"
                            " conversation_id = ?, status = 'unknown' WHERE id = ?",
                            (pane_id, mode, row["conversation_id"], row["id"]))
-        self.terminals.adopt(row["id"], pane_id)
+        self.terminals.adopt(row["id"], pane_id, spec)
         self.store.emit("terminal_resumed", row["session_name"], row["id"], resumed=mode,
                         conversation_id=row["conversation_id"],
                         **({"detail": detail} if detail else {}))
@@ -6731,12 +6748,22 @@ def run_mcp_server(table=AGENT_TOOLS, name=CAO_MCP_NAME,
     for func, _, flagged in table:
         # A dict result is structured content too; a text result (a skill) stays text.
         server.tool(structured_output=_returns_dict(func))(_as_mcp_tool(func, flagged))
+    terminal_id = os.environ.get("CAO_TERMINAL_ID")
+    if table is AGENT_TOOLS and terminal_id:  # its agent's first input waits for this
+        threading.Thread(target=_say_mcp_ready, args=(terminal_id,), daemon=True).start()
     try:
         server.run()
     except Exception as e:
         if not _agent_hung_up(e):
             raise
     return 0
+
+
+def _say_mcp_ready(terminal_id):
+    try:
+        Client().signal(terminal_id, "mcp_ready")
+    except CaoError:
+        pass  # an older server, or none: the first input only waits longer
 
 
 def _agent_hung_up(error):
