@@ -26,12 +26,17 @@ def _lost(env, *tids):
     wait_for(lambda: all(_terminal(env, t)["lost"] for t in tids), 15, what="terminals lost")
 
 
-def test_a_session_whose_tmux_died_comes_back_whole(server):
-    sup = demo_session(server, "whole", "code_supervisor")
-    code, worker = server.request("POST", "/sessions/cao-whole/terminals",
-                                  {"agent_profile": "reviewer", "provider": "demo",
-                                   "caller_id": sup})
+def _supervisor_and_worker(env, name):
+    """A demo supervisor and a reviewer worker it started, in session cao-<name>."""
+    sup = demo_session(env, name, "code_supervisor")
+    code, worker = env.request("POST", f"/sessions/cao-{name}/terminals",
+                               {"agent_profile": "reviewer", "provider": "demo", "caller_id": sup})
     assert code == 201, worker
+    return sup, worker
+
+
+def test_a_session_whose_tmux_died_comes_back_whole(server):
+    sup, worker = _supervisor_and_worker(server, "whole")
     assert ask(server, sup, "first turn") == "done: first turn"
     assert ask(server, worker["id"], "review the parser") == "done: review the parser"
     before = {t["id"]: t for t in server.request("GET", "/sessions/cao-whole")[1]["terminals"]}
@@ -114,11 +119,7 @@ def test_a_handoff_cut_by_tmux_dying_fails_clearly_and_tells_its_caller(cao_env)
 
 
 def test_a_conversation_its_cli_cannot_resume_starts_fresh_and_says_why(server):
-    sup = demo_session(server, "gone", "code_supervisor")
-    code, worker = server.request("POST", "/sessions/cao-gone/terminals",
-                                  {"agent_profile": "reviewer", "provider": "demo",
-                                   "caller_id": sup})
-    assert code == 201, worker
+    sup, worker = _supervisor_and_worker(server, "gone")
     wid = worker["id"]
     assert ask(server, wid, "a turn the CLI never saved") == "done: a turn the CLI never saved"
     conversation = _terminal(server, wid)["conversation_id"]
