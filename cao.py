@@ -2902,9 +2902,10 @@ class TerminalInput:
 
     def _input_taken(self, terminal_id, pane_id, spec, needle, count, pressed):
         """After an Enter, look at each burst of output: True as soon as the message has
-        left the input line (or the agent looks busy); False once the pane stayed quiet
-        for 80 ms, or 1 s passed, with the message still there. A CLI that animates
-        without pause (Codex, Gemini) is thus not waited on for the whole second."""
+        left the input line (or the agent looks busy); False at once if the Enter drew
+        nothing, else once 1 s passed with the message still there. An agent that
+        reacted gets the whole second: Claude Code took 0.3 s to draw its approval
+        prompt, and an Enter pressed again meanwhile answered the prompt Yes."""
         deadline = time.monotonic() + 1.0
         while True:
             printed = pressed and self.watcher.wait_settled(
@@ -2918,7 +2919,7 @@ class TerminalInput:
                 return True
             left = deadline - time.monotonic()
             if not printed or left <= 0 or not self.watcher.wait_settled(
-                    terminal_id, count, quiet=0.0, timeout=min(0.08, left)):
+                    terminal_id, count, quiet=0.0, timeout=left):
                 return False
 
     def _submitted(self, term, session_name, message):
