@@ -8266,7 +8266,9 @@ PROVIDERS.update({
         "answer": {"start": r"^ ● (?!Tip:|No copilot-instructions|MCP Servers)", "keep_start": True,
                    "end": r"^ [~/]\S*( \[⎇ .*\])?$|^ ● (Tip:|No copilot-instructions|MCP Servers)|"
                           + _RULE[1:]},
-        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER]],
+        # Resuming a conversation whose CLI died with tmux: its lock can outlive it.
+        "dialogs": [[r"Do you trust the files in this folder\?", _ENTER],
+                    [r"appears to be in use by another CLI or application", _ENTER]],
         "exit": {"text": "/exit"},
     },
     "kimi_cli": {

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import subprocess
 import time
 from pathlib import Path
 
@@ -537,7 +538,25 @@ RESUME_CLIS = [p for p, spec in cao.PROVIDERS.items() if p in BINARIES
 def test_real_cli_continues_its_conversation_after_tmux_dies(real_env, mock, provider):
     if not installed(provider):
         pytest.skip(f"{BINARIES[provider]} is not installed under {CLIS} (.ci/run installs it)")
-    env = real_env(provider)
+    _continue_after_tmux_dies(real_env(provider), mock, provider)
+
+
+@_needs("copilot_cli")
+def test_real_copilot_resumes_a_conversation_whose_lock_names_a_live_process(real_env, mock):
+    """Copilot CLI asks "Session in use ... Resume anyway?" when its conversation's lock
+    names a live process (a PID reused after a crash, or a dying CLI): cao answers it."""
+    holder = subprocess.Popen(["sleep", "600"])
+    try:
+        def stale_lock(env):
+            state = next((env.user_home / ".copilot" / "session-state").glob("*-*-*"))
+            (state / f"inuse.{holder.pid}.lock").write_text(str(holder.pid))
+        _continue_after_tmux_dies(real_env("copilot_cli"), mock, "copilot_cli", stale_lock)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _continue_after_tmux_dies(env, mock, provider, before_resume=lambda env: None):
     env.profile("agent", provider, "You are the e2e agent.")
     mock.reply("first turn", text="FIRST-ANSWER")
     term = env.start(provider)["id"]
@@ -558,6 +577,7 @@ def test_real_cli_continues_its_conversation_after_tmux_dies(real_env, mock, pro
         except (ProcessLookupError, PermissionError):
             pass
     wait_for(lambda: env.request("GET", f"/terminals/{term}")[1]["lost"], 20, what="lost")
+    before_resume(env)
     done = env.run("session", "resume", "e2e", timeout=200)
     assert done.returncode == 0 and "conversation resumed" in done.stdout, \
         done.stdout + done.stderr + env.screen(term)[-1500:]
