@@ -8291,9 +8291,12 @@ PROVIDERS.update({
             ["waiting_user_answer", r"─ approval ─|→ \[1\] Approve"],
             # A spinner ("⠋ Using …", "⠋ Composing… <1s · 3 tokens"; the start-up
             # "⠏ MCP Servers: …" line stays drawn), or a prompt or tool line with
-            # nothing below it yet: the turn goes on between spinner frames.
+            # nothing below it yet: the turn goes on between spinner frames. A turn
+            # first waits for the MCP servers: their block (a spinner line, then a
+            # "• <server> (connecting)" bullet each) then sits below its prompt.
             ["processing", r"^[🌑🌒🌓🌔🌕🌖🌗🌘]|^[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] (?!MCP Servers:)"
-                           r"|^(?:✨ |• Used \w+ \()(?![\s\S]*^(?:• |✨ ))"],
+                           r"|^(?:✨ |• Used \w+ \()(?![\s\S]*^(?:• |✨ ))"
+                           r"|^✨ .*\n(?:(?!✨ ).*\n)*?[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏] MCP Servers:.*\n(?:• .*\n)*── input"],
             # Done when the last bullet is an answer: not a tool line ("• Used Shell (…)",
             # shown with no spinner before the model is asked again), and not the
             # start-up MCP list ("• cao-mcp-server (connecting)"), so either below a
