@@ -1338,6 +1338,9 @@ MIGRATIONS = [
     ALTER TABLE handoff_jobs ADD COLUMN prompt TEXT;
     ALTER TABLE handoff_jobs ADD COLUMN submitted INTEGER NOT NULL DEFAULT 1;
     """,
+    """
+    ALTER TABLE handoff_jobs ADD COLUMN teardown INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 EVENTS_KEPT = 10000       # events kept for /events readers
 EVENTS_HELD_MAX = 500000  # events kept at most for a plugin that has not read them yet
@@ -3751,7 +3754,7 @@ class Handoffs:
                 self._lost(job, json.loads(worker["lost"])["reason"])
             elif job["terminal_id"] and self.tracker.status(job["terminal_id"]):
                 if job["submitted"]:
-                    self._follow(job["job_id"], job["terminal_id"], teardown=False)
+                    self._follow(job["job_id"], job["terminal_id"], bool(job["teardown"]))
                 else:  # the server died while it started the worker or gave the prompt
                     threading.Thread(target=self._resubmit, args=(job,), daemon=True,
                                      name=f"handoff-{job['job_id'][:8]}").start()
@@ -3772,7 +3775,7 @@ class Handoffs:
             self._finish(job["job_id"], "error", error=f"the prompt could not be given after a "
                          f"server restart: {e}")
             return
-        self._follow(job["job_id"], job["terminal_id"], teardown=False)
+        self._follow(job["job_id"], job["terminal_id"], bool(job["teardown"]))
 
     def _assign(self, job_id, terminal_id):
         self.store.execute("UPDATE handoff_jobs SET terminal_id = ? WHERE job_id = ?",
@@ -3842,8 +3845,9 @@ class Handoffs:
         job_id = _job_id(job_id) if job_id is not None else uuid.uuid4().hex
         try:
             self.store.insert("INSERT INTO handoff_jobs(job_id, caller_id, agent_profile, state,"
-                              " created_at, prompt, submitted) VALUES (?,?,?,?,?,?,0)",
-                              (job_id, caller_id, agent, "running", time.time(), prompt))
+                              " created_at, prompt, submitted, teardown) VALUES (?,?,?,?,?,?,0,?)",
+                              (job_id, caller_id, agent, "running", time.time(), prompt,
+                               int(bool(teardown) and not reuse_terminal_id)))
         except sqlite3.IntegrityError:
             raise Conflict(f"handoff job {job_id} already exists; use a new job_id")
         try:
@@ -3870,7 +3874,9 @@ class Handoffs:
         status, answer = self._wait_answer(wid, ("waiting_user_answer",), timeout)
         if status in ("completed", "idle"):
             return self._answer(job_id, wid, teardown, answer)
-        self._follow(job_id, wid, teardown=False)  # kept for inspection; its answer still counts
+        # Kept for inspection, after a restart too; its answer still counts.
+        self.store.execute("UPDATE handoff_jobs SET teardown = 0 WHERE job_id = ?", (job_id,))
+        self._follow(job_id, wid, teardown=False)
         if status == "error" or status is None:
             why = status and login_problem(worker["provider"], self.tracker.screen(wid))
             job = self.store.one("SELECT error_message FROM handoff_jobs WHERE job_id = ?",

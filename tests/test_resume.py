@@ -320,6 +320,8 @@ def test_a_handoff_whose_worker_was_starting_when_the_server_died_still_answers(
     inputs = [json.loads(line)["input"] for line in audit.read_text().splitlines()
               if json.loads(line)["terminal_id"] == wid]
     assert inputs == ["started late"]
+    wait_for(lambda: cao_env.request("GET", f"/terminals/{wid}")[0] == 404, 30,
+             what="the worker removed after its answer, as the step asked (teardown)")
 
 
 def test_a_handoff_answer_that_tmux_cut_on_its_way_reaches_the_caller_after_resume(server):
