@@ -2614,6 +2614,14 @@ def tmux_died_under(store, terminal_id):
     return bool(row) and (bool(row["lost"]) or row["session_name"] not in tmux_sessions())
 
 
+BUSY_STATUSES = ("processing", "waiting_user_answer")
+
+
+def turn_cut(lost):
+    """Whether a lost terminal was in the middle of a turn: that turn is gone."""
+    return bool(lost) and json.loads(lost).get("was") in BUSY_STATUSES
+
+
 def _lost_json(lost):
     if not lost:
         return None
@@ -2668,7 +2676,7 @@ class StatusTracker:
             if self._answer_dialog(term, spec, row["pane_id"], screen):
                 return
             status = _with_native(term.native, detect_status(spec, screen))
-            if status in ("processing", "waiting_user_answer"):
+            if status in BUSY_STATUSES:
                 term.turn_seen, term.unsent = True, None
             elif not term.turn_seen:
                 self._resend_enter(term, spec, row["pane_id"], screen)
@@ -4299,13 +4307,13 @@ class Resumer:
 
     def lose(self, terminal_id, why):
         with self.store.lock:
-            row = self.store.one("SELECT session_name, lost FROM terminals WHERE id = ?",
+            row = self.store.one("SELECT session_name, lost, status FROM terminals WHERE id = ?",
                                  (terminal_id,))
             if not row or row["lost"]:
                 return
+            lost = {"at": time.time(), "reason": why, "was": row["status"]}
             self.store.execute("UPDATE terminals SET lost = ?, status = 'error', pane_id = NULL"
-                               " WHERE id = ?", (json.dumps({"at": time.time(), "reason": why}),
-                                                 terminal_id))
+                               " WHERE id = ?", (json.dumps(lost), terminal_id))
         # Listeners first: a handoff waiting on this worker must end as lost before
         # its waiter sees the worker gone.
         self.store.emit("terminal_lost", row["session_name"], terminal_id, reason=why)
@@ -4363,16 +4371,20 @@ class Resumer:
         the CLIs load side by side."""
         results, started = {}, []
         with self.lock:
+            running = set(tmux_sessions())  # asked once: a tmux call costs 10-20 ms
             for name in names:
                 session = self.store.one("SELECT * FROM sessions WHERE name = ?", (name,))
                 session_env = json.loads(session["env_vars"] or "{}") if session else {}
                 results[name] = []
                 for row in self.store.query("SELECT * FROM terminals WHERE session_name = ? AND"
                                             " lost IS NOT NULL ORDER BY created_at, rowid", (name,)):
+                    cut = turn_cut(row["lost"])
                     try:
-                        mode = self._start(row, session_env, name not in tmux_sessions())
+                        mode = self._start(row, session_env, name not in running, cut=cut)
+                        running.add(name)
                         started.append(row["id"])
-                        results[name].append({"terminal_id": row["id"], "resumed": mode})
+                        results[name].append({"terminal_id": row["id"], "resumed": mode,
+                                              **({"interrupted": True} if cut else {})})
                     except CaoError as e:
                         self.starting.discard(row["id"])
                         self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
@@ -4447,7 +4459,7 @@ class Resumer:
                 return
             self.store.wait_until(lambda: False, RESUME_QUIET - quiet)
 
-    def _start(self, row, session_env, new_session, detail=None):
+    def _start(self, row, session_env, new_session, detail=None, cut=False):
         spec = get_provider(row["provider"])
         profile = load_profile(row["agent_profile"])
         if not provider_installed(spec):
@@ -4468,7 +4480,8 @@ class Resumer:
         self.terminals.adopt(row["id"], pane_id, spec)
         self.store.emit("terminal_resumed", row["session_name"], row["id"], resumed=mode,
                         conversation_id=row["conversation_id"],
-                        **({"detail": detail} if detail else {}))
+                        **({"detail": detail} if detail else {}),
+                        **({"interrupted": True} if cut else {}))
         return mode
 
 
@@ -4478,9 +4491,10 @@ HUNG_AFTER = 1800.0  # s of no output and no CPU after which a busy agent counts
 
 class Watchdog(threading.Thread):
     """Tells a worker's caller, once, that the worker stopped: its CLI exited, it sits
-    at an error screen, or it has printed nothing for `hung_after` s (settings.json)
-    while its processes used no CPU. It never stops or deletes an agent, so one that
-    is slow but printing or computing is left alone."""
+    at an error screen, it has printed nothing for `hung_after` s (settings.json)
+    while its processes used no CPU, or it was lost with tmux in the middle of a turn.
+    It never stops or deletes an agent, so one that is slow but printing or computing
+    is left alone."""
 
     def __init__(self, store, bus, live, watcher, tracker, inbox, excused=frozenset()):
         super().__init__(name="cao-watchdog", daemon=True)
@@ -4491,6 +4505,22 @@ class Watchdog(threading.Thread):
         self.ticks = {}    # terminal id -> CPU ticks of its processes at the last look
         self.stopping = threading.Event()
         bus.subscribe("status", self._on_status)
+        bus.subscribe("terminal_lost", self._on_lost)
+
+    def _on_lost(self, terminal_id, reason):
+        """An assigned worker's caller waits for a callback that its cut turn will never
+        send: tell it. A handoff's worker is reported by the handoff itself."""
+        row = self.store.one("SELECT lost FROM terminals WHERE id = ?", (terminal_id,))
+        if not row or not turn_cut(row["lost"]):
+            return
+        handoff = self.store.one("SELECT 1 AS x FROM handoff_jobs WHERE terminal_id = ? AND"
+                                 " (state = 'running' OR finished_at >= ?)",
+                                 (terminal_id, json.loads(row["lost"])["at"]))
+        if not handoff:
+            self._report(terminal_id, f"it was lost in the middle of a turn: {reason}. "
+                                      "`cao session resume` brings it back with its "
+                                      "conversation, but that turn is gone: send it the "
+                                      "task again with send_message", event=False)
 
     def _on_status(self, terminal_id, status):
         if status == "error" and terminal_id not in self.excused:
@@ -4508,7 +4538,7 @@ class Watchdog(threading.Thread):
             return f"its CLI exited; its screen ends: {tail}"
         return login_problem(row["provider"], state[0]) or f"it shows an error: {tail}"
 
-    def _report(self, terminal_id, reason):
+    def _report(self, terminal_id, reason, event=True):
         if terminal_id in self.told:
             return
         self.told.add(terminal_id)
@@ -4516,7 +4546,8 @@ class Watchdog(threading.Thread):
                              " WHERE id = ?", (terminal_id,))
         if not row:
             return
-        self.store.emit("agent_stopped", row["session_name"], terminal_id, reason=reason)
+        if event:  # terminal_lost says it already
+            self.store.emit("agent_stopped", row["session_name"], terminal_id, reason=reason)
         handoff = self.store.one("SELECT 1 AS x FROM handoff_jobs WHERE terminal_id = ? AND"
                                  " state = 'running'", (terminal_id,))
         if row["caller_id"] and not handoff:  # a handoff reports to its caller itself
@@ -7505,6 +7536,8 @@ def cmd_session_resume(args):
             if term["resumed"] == "fresh" and not term.get("detail"):
                 how += " (its CLI cannot resume)"
             detail = f": {term['detail']}" if term.get("detail") else ""
+            if term.get("interrupted"):
+                detail += "; the turn it was running when it was lost is gone: send it again"
             print(f"{session['session_name']} {term['terminal_id']}: {how}, status "
                   f"{term.get('status', 'lost')}{detail}")
     for session in sessions:

@@ -356,9 +356,14 @@ class Chain(threading.Thread):
                 if turn["input"].startswith("[cao] Your handoff"):
                     return self.record(token, started, "failed", "inbox: " + turn["input"])
             time.sleep(0.3)
+        since = time.time() - (time.monotonic() - started)
+        cut = self.env.db_query("SELECT 1 FROM events WHERE kind = 'terminal_resumed' AND "
+                                "terminal_id = ? AND ts >= ? AND data LIKE '%\"interrupted\": true%'",
+                                (self.sup, since))
+        if cut:  # the resume said the supervisor's running turn was gone
+            return self.record(token, started, "failed", "resume: its turn was cut")
         jobs = self.env.db_query("SELECT job_id, state, error_message FROM handoff_jobs WHERE "
-                                 "caller_id = ? AND created_at >= ?", (self.sup,
-                                                                       time.time() - (time.monotonic() - started)))
+                                 "caller_id = ? AND created_at >= ?", (self.sup, since))
         self.record(token, started, "silent", "no answer and no notice",
                     jobs=[dict(j) for j in jobs])
 

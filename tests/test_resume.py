@@ -339,3 +339,44 @@ def test_a_handoff_answer_that_tmux_cut_on_its_way_reaches_the_caller_after_resu
     told = wait_for(lambda: [m for m in _cao_messages(server, sup) if m["status"] == "delivered"],
                     30, what="the answer in the caller's inbox")
     assert "answered" in told[0]["message"] and "done: answered in time" in told[0]["message"]
+
+
+def test_an_assigned_worker_lost_mid_turn_is_reported_to_its_caller_and_by_resume(server):
+    """The caller of an assigned worker waits for a callback the cut turn will never
+    send: it hears of the loss in its inbox, and the resume names the cut turn."""
+    sup, worker = _supervisor_and_worker(server, "midturn")
+    assert server.request("POST", f"/terminals/{worker['id']}/input",
+                          {"message": "/ask may I delete the build folder?"})[0] == 200
+    wait_for(lambda: _terminal(server, worker["id"])["status"] == "waiting_user_answer", 15,
+             what="the worker in the middle of its turn")
+    _kill_tmux(server)
+    _lost(server, sup, worker["id"])
+    told = wait_for(lambda: _cao_messages(server, sup), 15, what="the caller told")
+    assert len(told) == 1 and told[0]["status"] == "queued"  # the caller is lost as well
+    assert (f"Worker {worker['id']} (reviewer) stopped: it was lost in the middle of a turn: "
+            "its tmux session ended") in told[0]["message"]
+    assert "send it the task again with send_message" in told[0]["message"]
+
+    done = server.run("session", "resume", "midturn", "--json", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    by_id = {t["terminal_id"]: t for t in json.loads(done.stdout)[0]["terminals"]}
+    assert by_id[worker["id"]]["interrupted"] is True and "interrupted" not in by_id[sup], by_id
+    resumed = [e for e in server.request("GET", "/events?after=0")[1]["events"]
+               if e["kind"] == "terminal_resumed" and e["terminal_id"] == worker["id"]]
+    assert resumed and resumed[0]["data"]["interrupted"] is True, resumed
+    wait_for(lambda: [m["status"] for m in _cao_messages(server, sup)] == ["delivered"], 30,
+             what="the notice delivered to the resumed caller")
+
+
+def test_resume_says_which_terminal_lost_its_running_turn(server):
+    tid = demo_session(server, "cutturn")
+    assert server.request("POST", f"/terminals/{tid}/input", {"message": "/ask go on?"})[0] == 200
+    wait_for(lambda: _terminal(server, tid)["status"] == "waiting_user_answer", 15,
+             what="a turn under way")
+    _kill_tmux(server)
+    _lost(server, tid)
+    done = server.run("session", "resume", "cutturn", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"cao-cutturn {tid}: conversation resumed, status idle; the turn it was running " \
+           "when it was lost is gone: send it again" in done.stdout, done.stdout
+    assert not _cao_messages(server, tid)  # no caller: nobody else to tell
