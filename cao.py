@@ -2324,12 +2324,13 @@ class _WatchedPane:
     """A pane the watcher reads: its FIFO, process fd, log and output timing."""
 
     __slots__ = ("terminal_id", "pane_id", "fifo", "fd", "pidfd", "log", "dirty_since",
-                 "last_output", "outputs", "eof", "eof_checks")
+                 "last_output", "outputs", "eof", "eof_checks", "followed_at")
 
     def __init__(self, terminal_id, pane_id, fifo, log):
         self.terminal_id, self.pane_id, self.fifo, self.log = terminal_id, pane_id, fifo, log
         self.fd, self.pidfd, self.dirty_since, self.last_output, self.outputs = None, None, None, 0.0, 0
         self.eof, self.eof_checks = False, 0
+        self.followed_at = time.monotonic()
 
 
 class PaneWatcher(threading.Thread):
@@ -2376,9 +2377,10 @@ class PaneWatcher(threading.Thread):
         return pane.outputs if pane else 0
 
     def quiet_for(self, terminal_id):
-        """Seconds since the pane last printed (0 for a pane not followed)."""
+        """Seconds since the pane last printed, or since it was followed if it printed
+        nothing since (its first screen may come before the pipe); 0 if not followed."""
         pane = self.panes.get(terminal_id)
-        return time.monotonic() - pane.last_output if pane and pane.last_output else 0.0
+        return time.monotonic() - max(pane.last_output, pane.followed_at) if pane else 0.0
 
     def wait_settled(self, terminal_id, after_count, quiet=0.08, timeout=1.0):
         """Wait until the pane printed something after after_count and then went quiet."""
@@ -4367,9 +4369,10 @@ class Resumer:
         return self._resume([name])[0]
 
     def _resume(self, names):
-        """Start the windows of all the sessions first, then wait for them together:
-        the CLIs load side by side."""
-        results, started = {}, []
+        """Open the windows of all the sessions first, then wait for them together:
+        the CLIs load side by side. (Opening them several at a time gained nothing:
+        the CLIs already loading use the CPU the next window needs.)"""
+        results = {}
         with self.lock:
             running = set(tmux_sessions())  # asked once: a tmux call costs 10-20 ms
             for name in names:
@@ -4378,25 +4381,29 @@ class Resumer:
                 results[name] = []
                 for row in self.store.query("SELECT * FROM terminals WHERE session_name = ? AND"
                                             " lost IS NOT NULL ORDER BY created_at, rowid", (name,)):
-                    cut = turn_cut(row["lost"])
-                    try:
-                        mode = self._start(row, session_env, name not in running, cut=cut)
+                    results[name].append(self._reopen(row, session_env, name not in running))
+                    if results[name][-1]["resumed"] != "failed":
                         running.add(name)
-                        started.append(row["id"])
-                        results[name].append({"terminal_id": row["id"], "resumed": mode,
-                                              **({"interrupted": True} if cut else {})})
-                    except CaoError as e:
-                        self.starting.discard(row["id"])
-                        self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
-                            {"at": time.time(), "reason": f"resume failed: {e}"}), row["id"]))
-                        results[name].append({"terminal_id": row["id"], "resumed": "failed",
-                                              "detail": str(e)})
+        started = [r["terminal_id"] for name in names for r in results[name]
+                   if r["resumed"] != "failed"]
         try:
             self._wait_started(started, {r["terminal_id"]: r for name in names
                                          for r in results[name]})
         finally:
             self.starting.difference_update(started)
         return [{"session_name": name, "terminals": results[name]} for name in names]
+
+    def _reopen(self, row, session_env, new_session):
+        """Start one lost terminal again; its entry in the resume's answer."""
+        cut = turn_cut(row["lost"])
+        try:
+            mode = self._start(row, session_env, new_session, cut=cut)
+        except CaoError as e:
+            self.starting.discard(row["id"])
+            self.store.execute("UPDATE terminals SET lost = ? WHERE id = ?", (json.dumps(
+                {"at": time.time(), "reason": f"resume failed: {e}"}), row["id"]))
+            return {"terminal_id": row["id"], "resumed": "failed", "detail": str(e)}
+        return {"terminal_id": row["id"], "resumed": mode, **({"interrupted": True} if cut else {})}
 
     def _wait_started(self, started, by_id):
         deadline = time.monotonic() + self.terminals.init_timeout(None)

@@ -380,3 +380,27 @@ def test_resume_says_which_terminal_lost_its_running_turn(server):
     assert f"cao-cutturn {tid}: conversation resumed, status idle; the turn it was running " \
            "when it was lost is gone: send it again" in done.stdout, done.stdout
     assert not _cao_messages(server, tid)  # no caller: nobody else to tell
+
+
+def test_a_pane_that_drew_its_screen_before_it_was_followed_counts_as_quiet(cao_env, monkeypatch,
+                                                                            tmp_path):
+    """A resumed CLI may draw its whole screen before cao's pipe is on it; it has been
+    quiet since it was followed (not "never quiet", which held a resume 20 s and kept
+    the hung check off such a pane)."""
+    import cao
+    monkeypatch.setenv("CAO_TMUX_SOCKET", cao_env.socket)
+    pane = cao_env.tmux("new-session", "-d", "-s", "q", "-P", "-F", "#{pane_id}", "--",
+                        "sh", "-c", "printf 'ready> '; exec sleep 600").stdout.strip()
+    wait_for(lambda: "ready>" in cao_env.tmux("capture-pane", "-p", "-t", pane).stdout, 10,
+             what="the screen drawn before any pipe")
+    (tmp_path / "fifos").mkdir()
+    (tmp_path / "logs").mkdir()
+    watcher = cao.PaneWatcher(tmp_path / "fifos", tmp_path / "logs", lambda terminal_id: None)
+    watcher.start()
+    try:
+        watcher.add("0123abcd", pane)
+        wait_for(lambda: watcher.quiet_for("0123abcd") >= 0.5, 10, what="quiet since followed")
+        assert watcher.output_count("0123abcd") == 0
+    finally:
+        watcher.stop()
+        watcher.join(5)
