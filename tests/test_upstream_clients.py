@@ -90,6 +90,11 @@ def test_upstream_cli_launches_sends_installs_and_shuts_down(server, tmp_path):
         return done.stdout
     assert "done: hello there" in upstream("launch", "--agents", "developer", "--headless",
                                            "--auto-approve", "--session-name", "u1", "hello there")
+    # Upstream's --resume-session-id: a new session continues u1's conversation.
+    u1 = server.request("GET", "/sessions/cao-u1")[1]["terminals"][0]["conversation_id"]
+    assert "history (1): hello there" in upstream(
+        "launch", "--agents", "developer", "--headless", "--auto-approve", "--session-name", "u1b",
+        "--resume-session-id", u1, "/history")
     upstream("launch", "--agents", "developer", "--headless", "--auto-approve", "--session-name",
              "u2", "--async", "background task")
     upstream("launch", "--agents", "developer", "--headless", "--auto-approve", "--session-name",
