@@ -1064,11 +1064,28 @@ class Progress:
 class Client:
     """cao-server's REST API at CAO_API_HOST:CAO_API_PORT."""
 
+    # s a refused connection is tried again; `cao mcp` sets it to wait out a server
+    # restart. Only a refused one: the request never left, so it cannot run twice.
+    patience = 0.0
+    _pause = time.sleep
+
     def __init__(self):
         self.host, self.port = api_address()
 
     def call(self, method, path, params=None, body=None, timeout=60):
         """One request; returns decoded JSON or raises CaoError with the server's detail."""
+        deadline = time.monotonic() + self.patience
+        while True:
+            try:
+                return self._call_once(method, path, params, body, timeout)
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise ServerUnavailable(f"cao-server is not running at http://{self.host}:"
+                                            f"{self.port}; start it with `cao-server` (`cao "
+                                            "launch` starts one for you)") from None
+                self._pause(0.25)
+
+    def _call_once(self, method, path, params, body, timeout):
         import http.client  # only a command that talks to the server pays for it
         query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v is not None})
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -1079,7 +1096,9 @@ class Client:
                          body=payload, headers=headers)
             resp = conn.getresponse()
             data = resp.read()
-        except (ConnectionRefusedError, socket.gaierror, socket.timeout, OSError) as e:
+        except ConnectionRefusedError:
+            raise
+        except (socket.gaierror, socket.timeout, OSError) as e:
             if isinstance(e, socket.timeout):
                 raise ServerUnavailable(f"cao-server at {self.host}:{self.port} did not answer "
                                         f"{method} {path} within {timeout:g} s")
@@ -4024,6 +4043,7 @@ _WORKDIR_FLAG = {"working_directory": "CAO_ENABLE_WORKING_DIRECTORY"}
 
 
 HANDOFF_SERVER_PATIENCE = 120.0  # s a handoff waits for its cao-server to come back
+SERVER_RESTART_WAIT = 30.0  # s any tool call waits for a cao-server that refuses it
 
 
 def _rejoin_handoff(client, job_id, deadline):
@@ -6790,6 +6810,7 @@ def run_mcp_server(table=AGENT_TOOLS, name=CAO_MCP_NAME,
         from mcp.server.fastmcp import FastMCP as MCPServer
     summaries = ", ".join(f"{func.__name__} ({summary})" for func, summary, _ in table)
     server = MCPServer(name, instructions=f"{purpose}: {summaries}.")
+    Client.patience = SERVER_RESTART_WAIT  # a tool call outlasts a server restart
     for func, _, flagged in table:
         # A dict result is structured content too; a text result (a skill) stays text.
         server.tool(structured_output=_returns_dict(func))(_as_mcp_tool(func, flagged))

@@ -172,3 +172,25 @@ def test_an_agent_that_hangs_up_ends_cao_mcp_quietly(cao_env):
     finally:
         if proc.poll() is None:
             kill_pid(proc.pid)
+
+
+def test_a_tool_call_waits_for_a_restarting_server_and_only_when_refused(cao_env, monkeypatch):
+    """A tool call that finds cao-server restarting (the connection is refused, so the
+    request never left) waits for it instead of failing; the soak saw a handoff fail
+    that way in the second a killed server took to come back."""
+    import cao
+    monkeypatch.setenv("CAO_API_PORT", str(cao_env.port))
+    monkeypatch.setenv("CAO_HOME_DIR", str(cao_env.home))
+    client = cao.Client()
+    with pytest.raises(cao.ServerUnavailable, match="cao-server is not running"):
+        client.health()  # a CLI command is not patient: one line at once
+    refused = []
+
+    def server_comes_back(seconds):
+        if not refused:
+            refused.append(seconds)
+            cao_env.start_server()
+    monkeypatch.setattr(cao.Client, "patience", 60.0)
+    monkeypatch.setattr(cao.Client, "_pause", staticmethod(server_comes_back))
+    assert client.health()["status"] == "ok"
+    assert refused == [0.25]
