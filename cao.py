@@ -2828,6 +2828,9 @@ class StatusTracker:
         status = self.status(terminal_id)
         if status == "error":
             self._raise_if_login_asked(terminal_id)
+        if status is None and tmux_died_under(self.store, terminal_id):
+            raise TmuxError(f"tmux died while the agent in terminal {terminal_id} was starting "
+                            "(tmux server killed or machine restarted)")
         if status == "error" or status is None:
             tail = " | ".join(_screen_tail(self.screen(terminal_id), 3).split("\n"))
             raise CaoError(f"agent in terminal {terminal_id} exited while starting; its screen "
@@ -3454,6 +3457,9 @@ class Terminals:
             except NeedsLogin:
                 self.delete(terminal_id)  # a login screen left behind helps nobody
                 raise
+            except TmuxError as e:  # the caller hears it failed: no lost terminal to resume
+                self.forget(terminal_id, "tmux died while it started")
+                raise TmuxError(f"{e}; start it again") from None
         return self.get(terminal_id)
 
     def init_timeout(self, profile):

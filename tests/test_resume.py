@@ -404,3 +404,23 @@ def test_a_pane_that_drew_its_screen_before_it_was_followed_counts_as_quiet(cao_
     finally:
         watcher.stop()
         watcher.join(5)
+
+
+def test_a_terminal_whose_tmux_dies_while_it_starts_fails_with_a_503_and_leaves_nothing(cao_env):
+    cao_env.env["CAO_DEMO_START_DELAY"] = "30"
+    cao_env.start_server()
+    result = {}
+    create = threading.Thread(target=lambda: result.update(answer=cao_env.request(
+        "POST", "/sessions?agent_profile=developer&provider=demo&session_name=slow",
+        timeout=120)))
+    create.start()
+    wait_for(lambda: cao_env.tmux("has-session", "-t", "=cao-slow").returncode == 0, 30,
+             what="the window open, its agent still loading")
+    _kill_tmux(cao_env)
+    create.join(60)
+    code, body = result["answer"]
+    assert code == 503 and "tmux died while the agent in terminal" in body["detail"], body
+    assert body["detail"].endswith("start it again"), body
+    # It failed, so nothing of it is left to come back at the next resume.
+    assert cao_env.request("GET", "/sessions")[1] == []
+    assert cao_env.request("GET", "/terminals")[1] == []
