@@ -2639,8 +2639,9 @@ BUSY_STATUSES = ("processing", "waiting_user_answer")
 
 
 def turn_cut(lost):
-    """Whether a lost terminal was in the middle of a turn: that turn is gone."""
-    return bool(lost) and json.loads(lost).get("was") in BUSY_STATUSES
+    """Whether a lost terminal was in the middle of a turn, or had just been given one:
+    that turn is gone."""
+    return bool(lost) and json.loads(lost).get("cut", False)
 
 
 def _lost_json(lost):
@@ -4339,9 +4340,21 @@ class Resumer:
                                  (terminal_id,))
             if not row or row["lost"]:
                 return
-            lost = {"at": time.time(), "reason": why, "was": row["status"]}
+            # Its turn is cut if it was busy, or took input and never showed a turn for it.
+            term = self.live.get(terminal_id)
+            unshown = term is not None and term.submitted_at is not None and not term.turn_seen
+            now = time.time()
+            lost = {"at": now, "reason": why, "was": row["status"],
+                    "cut": row["status"] in BUSY_STATUSES or unshown}
             self.store.execute("UPDATE terminals SET lost = ?, status = 'error', pane_id = NULL"
                                " WHERE id = ?", (json.dumps(lost), terminal_id))
+            if lost["cut"] and term is not None and term.submitted_at is not None:
+                submitted = now - (time.monotonic() - term.submitted_at)
+                self.store.execute(  # the message(s) of that turn
+                    "UPDATE inbox SET reason = ? WHERE receiver_id = ? AND status = 'delivered'"
+                    " AND delivered_at >= ?", ("delivered, then its receiver was lost before it "
+                                               "finished its turn; it may not have acted on it",
+                                               terminal_id, submitted - 1.0))
         # Listeners first: a handoff waiting on this worker must end as lost before
         # its waiter sees the worker gone.
         self.store.emit("terminal_lost", row["session_name"], terminal_id, reason=why)
@@ -4525,7 +4538,7 @@ HUNG_AFTER = 1800.0  # s of no output and no CPU after which a busy agent counts
 class Watchdog(threading.Thread):
     """Tells a worker's caller, once, that the worker stopped: its CLI exited, it sits
     at an error screen, it has printed nothing for `hung_after` s (settings.json)
-    while its processes used no CPU, or it was lost with tmux in the middle of a turn.
+    while its processes used no CPU, or it was lost with tmux before it finished a turn.
     It never stops or deletes an agent, so one that is slow but printing or computing
     is left alone."""
 
@@ -4550,7 +4563,7 @@ class Watchdog(threading.Thread):
                                  " (state = 'running' OR finished_at >= ?)",
                                  (terminal_id, json.loads(row["lost"])["at"]))
         if not handoff:
-            self._report(terminal_id, f"it was lost in the middle of a turn: {reason}. "
+            self._report(terminal_id, f"it was lost before it finished a turn: {reason}. "
                                       "`cao session resume` brings it back with its "
                                       "conversation, but that turn is gone: send it the "
                                       "task again with send_message", event=False)

@@ -353,7 +353,7 @@ def test_an_assigned_worker_lost_mid_turn_is_reported_to_its_caller_and_by_resum
     _lost(server, sup, worker["id"])
     told = wait_for(lambda: _cao_messages(server, sup), 15, what="the caller told")
     assert len(told) == 1 and told[0]["status"] == "queued"  # the caller is lost as well
-    assert (f"Worker {worker['id']} (reviewer) stopped: it was lost in the middle of a turn: "
+    assert (f"Worker {worker['id']} (reviewer) stopped: it was lost before it finished a turn: "
             "its tmux session ended") in told[0]["message"]
     assert "send it the task again with send_message" in told[0]["message"]
 
@@ -424,3 +424,33 @@ def test_a_terminal_whose_tmux_dies_while_it_starts_fails_with_a_503_and_leaves_
     # It failed, so nothing of it is left to come back at the next resume.
     assert cao_env.request("GET", "/sessions")[1] == []
     assert cao_env.request("GET", "/terminals")[1] == []
+
+
+def test_a_message_taken_just_before_tmux_died_is_flagged_and_its_turn_counted_cut(cao_env):
+    """The receiver took the message but died before it showed a turn for it: the
+    message stays delivered (never typed twice) with a reason, and the resume says the
+    turn is gone."""
+    deaf = {"command": ["sh", "-c", "printf '> '; while read x; do printf '> '; done"],
+            "status": [["idle", r"^> ?\Z"]]}  # takes input, never shows a turn for it
+    cao_env.home.mkdir(parents=True, exist_ok=True)
+    (cao_env.home / "settings.json").write_text(json.dumps({"providers": {"deaf": deaf}}))
+    cao_env.start_server()
+    sup = demo_session(cao_env, "unseen", "code_supervisor")
+    code, worker = cao_env.request("POST", "/sessions/cao-unseen/terminals",
+                                   {"agent_profile": "reviewer", "provider": "deaf",
+                                    "caller_id": sup})
+    assert code == 201, worker
+    code, sent = cao_env.request("POST", f"/terminals/{worker['id']}/inbox/messages",
+                                 {"sender_id": sup, "message": "review the parser"})
+    assert code == 200, sent
+    wait_for(lambda: cao_env.request("GET", f"/terminals/{worker['id']}/inbox/messages")[1][0]
+             ["status"] == "delivered", 20, what="the message delivered")
+    _kill_tmux(cao_env)
+    _lost(cao_env, worker["id"])
+    message = cao_env.request("GET", f"/terminals/{worker['id']}/inbox/messages")[1][0]
+    assert message["status"] == "delivered" and "it may not have acted on it" in message["reason"]
+    done = cao_env.run("session", "resume", "unseen", "--json", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    by_id = {t["terminal_id"]: t for t in json.loads(done.stdout)[0]["terminals"]}
+    assert by_id[worker["id"]]["interrupted"] is True and "interrupted" not in by_id[sup], by_id
+    assert "lost before it finished a turn" in _cao_messages(cao_env, sup)[0]["message"]
