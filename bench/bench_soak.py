@@ -526,6 +526,8 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
     unanswered_at_kill = [t for t in unanswered if any(
         "tmux died just after the paste" in (r["reason"] or "") or
         (r["delivered_at"] and near(r["delivered_at"], tmux_walls, 5, 0)) for r in by_token[t])]
+    # cao says on the row that its receiver was lost before it finished that turn.
+    unanswered_flagged = [t for t in unanswered if any(r["reason"] for r in by_token[t])]
     dup = {t: c for t, c in seen.items() if c > 1}
     first_answer = {}
     for entry in entries:
@@ -565,6 +567,7 @@ def analyse(env, poster, outcomes, events, args, audit, timings):
                               for t in lost[:10]],
             "delivered_never_answered": len(unanswered),
             "delivered_never_answered_within_5s_before_a_tmux_kill": len(unanswered_at_kill),
+            "delivered_never_answered_with_a_reason": len(unanswered_flagged),
             "delivered_never_answered_examples": [(t, [dict(r) for r in by_token[t]])
                                                   for t in unanswered[:10]],
             "duplicated": len(dup), "duplicated_examples": dict(list(dup.items())[:10]),
@@ -610,8 +613,10 @@ def markdown(s):
         ("... delivered", m["delivered"]),
         ("... failed (with a reason)", m["failed"]),
         ("... lost (accepted, never delivered nor failed)", m["lost"]),
-        ("... delivered but never answered by the agent (of which pasted as tmux was killed)",
-         f"{m['delivered_never_answered']} ({m['delivered_never_answered_within_5s_before_a_tmux_kill']})"),
+        ("... delivered but never answered by the agent (of which pasted as tmux was killed / "
+         "flagged on the row with a reason)",
+         f"{m['delivered_never_answered']} ({m['delivered_never_answered_within_5s_before_a_tmux_kill']}"
+         f" / {m['delivered_never_answered_with_a_reason']})"),
         ("... duplicated: answered twice (of which first answered -5..+2 s around a tmux kill)",
          f"{m['duplicated']} ({m['duplicated_first_answer_within_5s_of_a_tmux_kill']})"),
         ("POSTs rejected (4xx)", m["rejected"]),
