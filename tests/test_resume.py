@@ -231,19 +231,25 @@ def test_a_worker_whose_cli_exits_is_reported_to_its_caller_once(server):
     assert len(events) == 1 and events[0]["terminal_id"] == worker["id"]
 
 
+def _worker_of_a_cli_of_our_own(env, name, provider, **settings):
+    """Start the server with `provider` defined in settings.json, then a demo supervisor
+    in session cao-<name> and a reviewer worker of it that runs that provider."""
+    env.home.mkdir(parents=True, exist_ok=True)
+    (env.home / "settings.json").write_text(json.dumps({"providers": {name: provider},
+                                                        **settings}))
+    env.start_server()
+    sup = demo_session(env, name, "code_supervisor")
+    code, worker = env.request("POST", f"/sessions/cao-{name}/terminals",
+                               {"agent_profile": "reviewer", "provider": name, "caller_id": sup})
+    assert code == 201, worker
+    return sup, worker
+
+
 def test_a_hung_worker_is_reported_never_removed(cao_env):
     stuck = {"command": ["sh", "-c", "printf '> '; read x; printf 'working...'; exec sleep 600"],
              "status": [["processing", r"working\.\.\.\Z"], ["idle", r"^> ?\Z"]]}
-    cao_env.home.mkdir(parents=True, exist_ok=True)
-    (cao_env.home / "settings.json").write_text(json.dumps({"providers": {"stuck": stuck},
-                                                            "hung_after": 1}))
     cao_env.env["CAO_HUNG_CHECK"] = "0.3"
-    cao_env.start_server()
-    sup = demo_session(cao_env, "hung", "code_supervisor")
-    code, worker = cao_env.request("POST", "/sessions/cao-hung/terminals",
-                                   {"agent_profile": "reviewer", "provider": "stuck",
-                                    "caller_id": sup})
-    assert code == 201, worker
+    sup, worker = _worker_of_a_cli_of_our_own(cao_env, "hung", stuck, hung_after=1)
     assert cao_env.request("POST", f"/terminals/{worker['id']}/input", {"message": "go"})[0] == 200
     told = wait_for(lambda: _cao_messages(cao_env, sup), 20, what="the caller told")
     assert "stopped: it has printed nothing for" in told[0]["message"]
@@ -432,14 +438,7 @@ def test_a_message_taken_just_before_tmux_died_is_flagged_and_its_turn_counted_c
     turn is gone."""
     deaf = {"command": ["sh", "-c", "printf '> '; while read x; do printf '> '; done"],
             "status": [["idle", r"^> ?\Z"]]}  # takes input, never shows a turn for it
-    cao_env.home.mkdir(parents=True, exist_ok=True)
-    (cao_env.home / "settings.json").write_text(json.dumps({"providers": {"deaf": deaf}}))
-    cao_env.start_server()
-    sup = demo_session(cao_env, "unseen", "code_supervisor")
-    code, worker = cao_env.request("POST", "/sessions/cao-unseen/terminals",
-                                   {"agent_profile": "reviewer", "provider": "deaf",
-                                    "caller_id": sup})
-    assert code == 201, worker
+    sup, worker = _worker_of_a_cli_of_our_own(cao_env, "unseen", deaf)
     code, sent = cao_env.request("POST", f"/terminals/{worker['id']}/inbox/messages",
                                  {"sender_id": sup, "message": "review the parser"})
     assert code == 200, sent
@@ -453,4 +452,5 @@ def test_a_message_taken_just_before_tmux_died_is_flagged_and_its_turn_counted_c
     assert done.returncode == 0, done.stdout + done.stderr
     by_id = {t["terminal_id"]: t for t in json.loads(done.stdout)[0]["terminals"]}
     assert by_id[worker["id"]]["interrupted"] is True and "interrupted" not in by_id[sup], by_id
+    assert by_id[worker["id"]]["resumed"] == "fresh"  # its provider has no resume args
     assert "lost before it finished a turn" in _cao_messages(cao_env, sup)[0]["message"]
