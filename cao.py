@@ -1080,10 +1080,12 @@ class Client:
                 return self._call_once(method, path, params, body, timeout)
             except ConnectionRefusedError:
                 if time.monotonic() >= deadline:
-                    raise ServerUnavailable(f"cao-server is not running at http://{self.host}:"
-                                            f"{self.port}; start it with `cao-server` (`cao "
-                                            "launch` starts one for you)") from None
+                    raise self._not_running() from None
                 self._pause(0.25)
+
+    def _not_running(self):
+        return ServerUnavailable(f"cao-server is not running at http://{self.host}:{self.port}; "
+                                 "start it with `cao-server` (`cao launch` starts one for you)")
 
     def _call_once(self, method, path, params, body, timeout):
         import http.client  # only a command that talks to the server pays for it
@@ -1102,8 +1104,7 @@ class Client:
             if isinstance(e, socket.timeout):
                 raise ServerUnavailable(f"cao-server at {self.host}:{self.port} did not answer "
                                         f"{method} {path} within {timeout:g} s")
-            raise ServerUnavailable(f"cao-server is not running at http://{self.host}:{self.port}; "
-                                    "start it with `cao-server` (`cao launch` starts one for you)")
+            raise self._not_running()
         finally:
             conn.close()
         try:
@@ -4344,8 +4345,7 @@ class Resumer:
             term = self.live.get(terminal_id)
             unshown = term is not None and term.submitted_at is not None and not term.turn_seen
             now = time.time()
-            lost = {"at": now, "reason": why, "was": row["status"],
-                    "cut": row["status"] in BUSY_STATUSES or unshown}
+            lost = {"at": now, "reason": why, "cut": row["status"] in BUSY_STATUSES or unshown}
             self.store.execute("UPDATE terminals SET lost = ?, status = 'error', pane_id = NULL"
                                " WHERE id = ?", (json.dumps(lost), terminal_id))
             if lost["cut"] and term is not None and term.submitted_at is not None:
