@@ -3842,11 +3842,16 @@ class Handoffs:
         for job in self.store.query("SELECT * FROM handoff_jobs WHERE state = 'running'"
                                     " AND terminal_id = ?", (terminal_id,)):
             self._lost(job, reason)
-        # A caller lost just after its handoff answered may never have shown the answer.
+        # A caller lost just after its handoff answered may never have shown the answer;
+        # one that took new input since had it.
         now = time.time()
+        caller = self.tracker.live.get(terminal_id)
+        since = now - ANSWER_IN_FLIGHT
+        if caller is not None and caller.submitted_at is not None:
+            since = max(since, now - (time.monotonic() - caller.submitted_at))
         for job in self.store.query("SELECT * FROM handoff_jobs WHERE caller_id = ? AND"
                                     " state = 'completed' AND finished_at >= ?",
-                                    (terminal_id, now - ANSWER_IN_FLIGHT)):
+                                    (terminal_id, since)):
             try:
                 self.inbox.post("cao", terminal_id, f"[cao] Your handoff to "
                                 f"{job['agent_profile']} (job {job['job_id']}) answered "

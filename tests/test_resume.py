@@ -347,6 +347,22 @@ def test_a_handoff_answer_that_tmux_cut_on_its_way_reaches_the_caller_after_resu
     assert "answered" in told[0]["message"] and "done: answered in time" in told[0]["message"]
 
 
+def test_a_handoff_answer_is_not_sent_again_to_a_caller_that_took_new_input_since(server):
+    """A caller given new input after its handoff answered had the answer: its loss
+    soon after brings no copy of it (the soak saw such copies of an older chain's answer)."""
+    sup = demo_session(server, "moved-on", "code_supervisor")
+    code, step = server.request("POST", "/terminals/run-step", {
+        "agent": "developer", "prompt": "answered earlier", "session_name": "cao-moved-on",
+        "caller_id": sup, "provider": "demo", "teardown": False}, timeout=60)
+    assert code == 200, step
+    assert ask(server, sup, "the next task") == "done: the next task"
+    _kill_tmux(server)
+    _lost(server, sup)
+    done = server.run("session", "resume", "moved-on", timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _cao_messages(server, sup) == []
+
+
 def test_an_assigned_worker_lost_mid_turn_is_reported_to_its_caller_and_by_resume(server):
     """The caller of an assigned worker waits for a callback the cut turn will never
     send: it hears of the loss in its inbox, and the resume names the cut turn."""
