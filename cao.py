@@ -2621,6 +2621,11 @@ class Terminal:
         self.settling = None             # (answer on its new completed screen, since when)
         self.dialog_keys_at = 0.0        # when a first-run dialog was last answered
 
+    def submitted_wall(self):
+        """When its last input was submitted, as time.time() (None if it had none)."""
+        return None if self.submitted_at is None else \
+            time.time() - (time.monotonic() - self.submitted_at)
+
 
 def terminal_row(store, terminal_id):
     check_terminal_id(terminal_id)
@@ -3846,9 +3851,7 @@ class Handoffs:
         # one that took new input since had it.
         now = time.time()
         caller = self.tracker.live.get(terminal_id)
-        since = now - ANSWER_IN_FLIGHT
-        if caller is not None and caller.submitted_at is not None:
-            since = max(since, now - (time.monotonic() - caller.submitted_at))
+        since = max(now - ANSWER_IN_FLIGHT, caller and caller.submitted_wall() or 0)
         for job in self.store.query("SELECT * FROM handoff_jobs WHERE caller_id = ? AND"
                                     " state = 'completed' AND finished_at >= ?",
                                     (terminal_id, since)):
@@ -4353,8 +4356,8 @@ class Resumer:
             lost = {"at": now, "reason": why, "cut": row["status"] in BUSY_STATUSES or unshown}
             self.store.execute("UPDATE terminals SET lost = ?, status = 'error', pane_id = NULL"
                                " WHERE id = ?", (json.dumps(lost), terminal_id))
-            if lost["cut"] and term is not None and term.submitted_at is not None:
-                submitted = now - (time.monotonic() - term.submitted_at)
+            submitted = term and term.submitted_wall()
+            if lost["cut"] and submitted:
                 self.store.execute(  # the message(s) of that turn
                     "UPDATE inbox SET reason = ? WHERE receiver_id = ? AND status = 'delivered'"
                     " AND delivered_at >= ?", ("delivered, then its receiver was lost before it "
